@@ -1,0 +1,11 @@
+"""apparate: early exits for ML models, managed while the model serves traffic.
+
+Importing this package never initialises CUDA, compiles anything or imports triton: compiled
+extensions load and backends are chosen on an op's first call.
+"""
+
+from apparate.ops import RampExit, compact_rows, ramp_exit
+
+__version__ = "0.1.0"
+
+__all__ = ["RampExit", "__version__", "compact_rows", "ramp_exit"]

@@ -1,0 +1,6 @@
+"""Helpers shared by tests/ and bench/: tolerances and the no-host-sync checker."""
+
+from apparate.testing.no_sync import HostSyncError, forbid_host_sync
+from apparate.testing.tolerances import assert_confidence_close, tolerance
+
+__all__ = ["HostSyncError", "assert_confidence_close", "forbid_host_sync", "tolerance"]

@@ -1,0 +1,942 @@
+// CUDA kernels of apparate's fused ramp: pool -> (norm) -> linear -> confidence -> exit decision.
+// Semantics: ramp_exit_ref in apparate/ops/ramp_exit.py. Raw pointers only; no torch needed.
+//
+// Three kernels on one stream, with nothing read back to the host:
+//   1. pool:       hidden -> pooled (B, H) float32 in a workspace, dead rows as zeros. Parallel over
+//                  rows and feature tiles, so long sequences and big feature maps fill the GPU.
+//   2. logits:     split-K GEMV. A CTA owns a tile of up to 8 rows and a chunk of the K classes:
+//                  it normalises the tile's pooled rows into shared memory, streams its chunk of
+//                  the weight once for all rows of the tile, writes the logits if asked and reduces
+//                  them to softmax statistics per (row, chunk). For small batches the weight is
+//                  read from DRAM exactly once, which is what bounds this op (LM heads: K ~ 50k).
+//   3. confidence: merges the chunk statistics of each row (online-softmax rescaling) and writes
+//                  confidence, prediction and exit; the threshold is read on the device so that
+//                  retuning it never recompiles or re-captures anything.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace apparate {
+
+enum class RampPool : int { kCls, kMean, kLast, kAvg, kNone };
+enum class RampMetric : int { kMaxProb, kMargin, kEntropy };
+enum class RampNorm : int { kNone, kRms, kLayer };
+// Element type of tensors that are read a handful of times per row (bias, norm weight): they are
+// converted through a runtime switch, which costs nothing there and keeps the number of kernel
+// instantiations at (hidden type) + (weight type) instead of their product with two more types.
+enum class FloatType : int { kFloat32, kFloat16, kBFloat16 };
+
+template <typename T>
+struct FloatTypeOf;
+template <>
+struct FloatTypeOf<float> {
+  static constexpr FloatType value = FloatType::kFloat32;
+};
+template <>
+struct FloatTypeOf<__half> {
+  static constexpr FloatType value = FloatType::kFloat16;
+};
+template <>
+struct FloatTypeOf<__nv_bfloat16> {
+  static constexpr FloatType value = FloatType::kBFloat16;
+};
+
+// Arguments of one ramp evaluation. Sizes and strides are in elements.
+template <typename THidden, typename TWeight>
+struct RampExitArgs {
+  // (B, T, H) for cls / mean / last, (B, C, Hh, Ww) for avg (any strides, channels_last
+  // included), (B, H) for none; sizes/strides beyond the pool's rank are ignored.
+  const THidden* hidden;
+  int64_t sizes[4];
+  int64_t strides[4];
+  RampPool pool;
+  const bool* mask;  // (B, T) valid tokens for mean / last, or null
+  int64_t mask_strides[2];
+  const bool* alive;  // (B,) or null
+  int64_t alive_stride;
+  RampNorm norm;
+  const void* norm_weight;  // (H,), type norm_weight_type; null when norm is kNone
+  FloatType norm_weight_type;
+  int64_t norm_weight_stride;
+  float norm_eps;
+  const TWeight* weight;  // (K, H), unit stride along H
+  int64_t classes;
+  int64_t weight_row_stride;
+  const void* bias;  // (K,), type bias_type, or null
+  FloatType bias_type;
+  int64_t bias_stride;
+  RampMetric metric;
+  const float* threshold;  // 0-dim, on the device
+  float* logits;           // (B, K) contiguous, or null
+  float* confidence;       // (B,)
+  int64_t* prediction;     // (B,)
+  bool* exit;              // (B,)
+};
+
+// Launch geometry and workspace size; depends on the device and on (B, H, K) only.
+struct RampExitPlan {
+  int64_t batch, features, classes;
+  int rows_per_tile;  // rows of one logits CTA (<= 8)
+  int tiles;
+  int chunks;          // chunks of K per row tile
+  int64_t chunk_rows;  // classes per chunk, a multiple of the 16 a warp handles per step
+  size_t smem_bytes;   // dynamic shared memory of the logits kernel
+  size_t pooled_bytes;
+  size_t workspace_bytes;
+  int64_t max_features;  // largest H whose pooled row fits in one CTA's shared memory
+};
+
+namespace ramp_detail {
+
+constexpr int kWarp = 32;
+constexpr int kPoolWarps = 8;
+constexpr int kPoolThreads = kPoolWarps * kWarp;
+// Positions each pooling warp loads before adding, to keep several loads in flight.
+constexpr int kPoolUnroll = 4;
+
+constexpr int kTileRows = 8;       // rows of hidden per logits CTA
+constexpr int kRowsPerLane = 4;    // weight rows each lane multiplies at once
+constexpr int kLanesPerRow = 8;    // lanes that share one weight row
+constexpr int kWeightUnroll = 2;   // weight vectors each lane loads before multiplying
+constexpr int kLogitWarps = 8;
+constexpr int kLogitThreads = kLogitWarps * kWarp;
+constexpr int kWarpClasses = kRowsPerLane * (kWarp / kLanesPerRow);  // classes per warp step
+constexpr int kMinCtasPerSm = 2;
+constexpr int kConfidenceWarps = 4;
+// After the transposed reduction over the lanes of a group, lane q holds the sums of tile row q
+// for its classes: a tile has exactly one row per lane of a group.
+static_assert(kTileRows == kLanesPerRow, "one tile row per lane of a group after the reduction");
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_float(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+__device__ __forceinline__ float load_float(const void* p, FloatType type, int64_t i) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return __half2float(__ldg(static_cast<const __half*>(p) + i));
+    case FloatType::kBFloat16:
+      return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(p) + i));
+    default:
+      return __ldg(static_cast<const float*>(p) + i);
+  }
+}
+
+// N consecutive elements loaded as one access (N * sizeof(T) bytes, naturally aligned).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int Bytes>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+
+// Read-only (non-coherent cache) load: hidden, weight and the workspace written by an earlier
+// kernel never change while these kernels run.
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  using W = typename Word<sizeof(Pack<T, N>)>::type;
+  const W w = __ldg(reinterpret_cast<const W*>(p));
+  Pack<T, N> out;
+  __builtin_memcpy(&out, &w, sizeof(out));
+  return out;
+}
+
+// All-zero bits (+0 in every type); built from bits because torch extensions compile with
+// __CUDA_NO_HALF_CONVERSIONS__, which removes __half's converting constructors.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> zero_pack() {
+  Pack<T, N> out;
+  __builtin_memset(&out, 0, sizeof(out));
+  return out;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax statistics of a set of finite logits, mergeable in any order:
+//   max, argmax (first index of the max), second (largest logit at any other index; equals max on
+//   ties), sum = sum exp(l - max), wsum = sum exp(l - max) * (l - max).
+// Non-finite logits only raise `nonfinite`: such a row's answer is NaN / -1 whatever the rest.
+
+struct SoftmaxStats {
+  float max;
+  float second;
+  float sum;
+  float wsum;
+  int argmax;
+  int nonfinite;
+};
+
+__device__ __forceinline__ SoftmaxStats empty_stats() {
+  return SoftmaxStats{-INFINITY, -INFINITY, 0.f, 0.f, INT32_MAX, 0};
+}
+
+// Adds logit l of class k; a caller adds the classes of one SoftmaxStats in increasing order.
+__device__ __forceinline__ void push_logit(SoftmaxStats& s, float l, int k) {
+  if (!isfinite(l)) {
+    s.nonfinite = 1;
+    return;
+  }
+  if (l > s.max) {
+    if (s.sum > 0.f) {  // an empty set has max = -inf, where the rescaling would give NaN
+      const float d = s.max - l;
+      const float a = expf(d);
+      s.wsum = a * (s.wsum + d * s.sum);
+      s.sum *= a;
+    }
+    s.second = s.max;
+    s.max = l;
+    s.argmax = k;
+    s.sum += 1.f;
+  } else {
+    s.second = fmaxf(s.second, l);
+    const float d = l - s.max;
+    const float e = expf(d);
+    s.sum += e;
+    s.wsum += e * d;
+  }
+}
+
+__device__ __forceinline__ void add_rescaled(float& sum, float& wsum, const SoftmaxStats& s,
+                                             float max) {
+  if (s.sum > 0.f) {
+    const float d = s.max - max;
+    const float a = expf(d);
+    sum += a * s.sum;
+    wsum += a * (s.wsum + d * s.sum);
+  }
+}
+
+__device__ __forceinline__ SoftmaxStats merge_stats(const SoftmaxStats& a, const SoftmaxStats& b) {
+  const bool a_wins = a.max > b.max || (a.max == b.max && a.argmax < b.argmax);
+  SoftmaxStats out;
+  out.max = a_wins ? a.max : b.max;
+  out.argmax = a_wins ? a.argmax : b.argmax;
+  out.second = a_wins ? fmaxf(a.second, b.max) : fmaxf(b.second, a.max);
+  out.sum = 0.f;
+  out.wsum = 0.f;
+  add_rescaled(out.sum, out.wsum, a, out.max);
+  add_rescaled(out.sum, out.wsum, b, out.max);
+  out.nonfinite = a.nonfinite | b.nonfinite;
+  return out;
+}
+
+__device__ __forceinline__ SoftmaxStats shfl_xor_stats(const SoftmaxStats& s, int offset) {
+  SoftmaxStats o;
+  o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+  o.second = __shfl_xor_sync(0xffffffffu, s.second, offset);
+  o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+  o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
+  o.argmax = __shfl_xor_sync(0xffffffffu, s.argmax, offset);
+  o.nonfinite = __shfl_xor_sync(0xffffffffu, s.nonfinite, offset);
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: pooling. Every pool is one of three modes over "positions" p of a row, where the
+// element of feature f at position p sits at b * stride_b + f * stride_f + offset(p) and
+// offset(p) = (p / inner) * stride_outer + (p % inner) * stride_p (avg's two spatial dims; the
+// launcher folds them into one whenever the strides allow, so the division is rarely executed).
+
+enum class PoolMode : int { kSelect, kLastValid, kMean };
+
+template <typename T>
+struct PoolParams {
+  const T* hidden;
+  int64_t features, positions, inner;
+  int64_t stride_b, stride_f, stride_p, stride_outer;
+  PoolMode mode;
+  int64_t select;  // kSelect: the position taken (cls / none: 0, last without mask: T - 1)
+  const bool* mask;
+  int64_t mask_stride_b, mask_stride_t;
+  const bool* alive;
+  int64_t alive_stride;
+  float* pooled;  // (B, features)
+};
+
+template <typename T>
+__device__ __forceinline__ int64_t position_offset(const PoolParams<T>& p, int64_t t) {
+  if (p.inner == p.positions) return t * p.stride_p;
+  return (t / p.inner) * p.stride_outer + (t % p.inner) * p.stride_p;
+}
+
+template <typename T>
+__device__ __forceinline__ bool row_is_dead(const PoolParams<T>& p, int64_t b) {
+  return p.alive != nullptr && !p.alive[b * p.alive_stride];
+}
+
+template <typename T>
+__device__ __forceinline__ bool position_valid(const PoolParams<T>& p, int64_t b, int64_t t) {
+  return p.mask == nullptr || p.mask[b * p.mask_stride_b + t * p.mask_stride_t];
+}
+
+// Lanes over features (VEC consecutive features per lane, one vector load when VEC > 1), warps
+// over positions. Grid (B, feature tiles of 32 * VEC). Used for every pool whose features are
+// contiguous, and for the single-position pools whatever their layout.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<T> p) {
+  __shared__ float partial[kPoolWarps * VEC * kWarp];  // [warp][element][lane]: no bank conflicts
+  __shared__ int warp_count[kPoolWarps];
+  __shared__ int64_t last_valid[kPoolWarps];
+
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t f0 = (int64_t(blockIdx.y) * kWarp + lane) * VEC;
+  const bool active = f0 < p.features;  // VEC > 1 only when VEC divides features
+  float* out = p.pooled + b * p.features + f0;
+
+  if (row_is_dead(p, b)) {  // pooled as zeros; hidden (maybe NaN) is never read
+    if (warp == 0 && active) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = 0.f;
+    }
+    return;
+  }
+  const T* row = p.hidden + b * p.stride_b + f0 * p.stride_f;
+
+  if (p.mode != PoolMode::kMean) {
+    int64_t pos = p.select;
+    if (p.mode == PoolMode::kLastValid) {
+      int64_t best = -1;  // positions ascend, so the last hit of a thread is its largest
+      for (int64_t t = threadIdx.x; t < p.positions; t += kPoolThreads) {
+        if (position_valid(p, b, t)) best = t;
+      }
+#pragma unroll
+      for (int o = kWarp / 2; o > 0; o /= 2) {
+        const int64_t other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+      }
+      if (lane == 0) last_valid[warp] = best;
+      __syncthreads();
+      best = last_valid[0];
+#pragma unroll
+      for (int w = 1; w < kPoolWarps; ++w) best = last_valid[w] > best ? last_valid[w] : best;
+      pos = best < 0 ? 0 : best;  // no valid token: position 0, like the reference
+    }
+    if (warp == 0 && active) {
+      const int64_t off = position_offset(p, pos);
+      if constexpr (VEC > 1) {
+        const Pack<T, VEC> v = load_pack<VEC>(row + off);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[e] = to_float(v.v[e]);
+      } else {
+        out[0] = to_float(__ldg(row + off));
+      }
+    }
+    return;
+  }
+
+  float acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+  int count = 0;  // valid positions seen by this warp (the same in all its lanes)
+  for (int64_t t0 = warp; t0 < p.positions; t0 += int64_t(kPoolWarps) * kPoolUnroll) {
+    Pack<T, VEC> v[kPoolUnroll];
+    bool use[kPoolUnroll];
+#pragma unroll
+    for (int u = 0; u < kPoolUnroll; ++u) {
+      const int64_t t = t0 + int64_t(u) * kPoolWarps;
+      // Masked positions are skipped, not multiplied by 0, so a NaN there cannot leak in.
+      use[u] = t < p.positions && position_valid(p, b, t);
+      if (use[u] && active) {
+        if constexpr (VEC > 1) {
+          v[u] = load_pack<VEC>(row + position_offset(p, t));
+        } else {
+          v[u].v[0] = __ldg(row + position_offset(p, t));
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPoolUnroll; ++u) {
+      if (use[u]) {
+        ++count;
+        if (active) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[e] += to_float(v[u].v[e]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) partial[(warp * VEC + e) * kWarp + lane] = acc[e];
+  if (lane == 0) warp_count[warp] = count;
+  __syncthreads();
+  if (warp != 0 || !active) return;
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kPoolWarps; ++w) total += warp_count[w];
+  const float divisor =
+      p.mask != nullptr ? float(total > 0 ? total : 1) : float(p.positions);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPoolWarps; ++w) s += partial[(w * VEC + e) * kWarp + lane];
+    out[e] = s / divisor;
+  }
+}
+
+// Mean over positions for layouts whose positions are contiguous and features are not (NCHW
+// feature maps): a warp per feature with lanes over positions, so loads stay coalesced.
+// Grid (B, ceil(features / 8)).
+template <typename T>
+__global__ void __launch_bounds__(kPoolThreads) pool_positions_kernel(PoolParams<T> p) {
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t f = int64_t(blockIdx.y) * kPoolWarps + threadIdx.x / kWarp;
+  if (f >= p.features) return;  // warp-uniform; this kernel has no block barrier
+  float* out = p.pooled + b * p.features + f;
+  if (row_is_dead(p, b)) {
+    if (lane == 0) *out = 0.f;
+    return;
+  }
+  const T* base = p.hidden + b * p.stride_b + f * p.stride_f;
+  float acc = 0.f;
+  int count = 0;
+  for (int64_t t0 = lane; t0 < p.positions; t0 += int64_t(kWarp) * kPoolUnroll) {
+    T v[kPoolUnroll];
+    bool use[kPoolUnroll];
+#pragma unroll
+    for (int u = 0; u < kPoolUnroll; ++u) {
+      const int64_t t = t0 + int64_t(u) * kWarp;
+      use[u] = t < p.positions && position_valid(p, b, t);
+      if (use[u]) v[u] = __ldg(base + position_offset(p, t));
+    }
+#pragma unroll
+    for (int u = 0; u < kPoolUnroll; ++u) {
+      if (use[u]) {
+        ++count;
+        acc += to_float(v[u]);
+      }
+    }
+  }
+  acc = warp_sum(acc);
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) count += __shfl_xor_sync(0xffffffffu, count, o);
+  if (lane == 0) {
+    *out = acc / (p.mask != nullptr ? float(count > 0 ? count : 1) : float(p.positions));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2: logits and per-(row, chunk) softmax statistics.
+//
+// Work split: grid (row tiles, chunks of K); tiles vary fastest so the CTAs that read the same
+// weight chunk run together and share it through L2 when B > 8. In a CTA, warp w takes the warp
+// steps w, w + 8, ... of the chunk; a warp step covers 16 classes: lane group g = lane / 8 takes
+// classes 4g .. 4g + 3 and the 8 lanes of a group split H in 16-byte weight vectors. Each lane
+// keeps 8 tile rows x 4 classes = 32 accumulators, so one pooled value read from shared memory
+// feeds 4 FMAs and one weight value feeds 8: shared-memory bandwidth stays under the weight
+// stream even at B = 8, and the 8 lanes per class keep H = 576 free of idle lanes.
+//
+// Shared memory holds the tile's normalised rows in float32. A lane reads the VEC pooled values
+// matching its weight vector as VEC / 4 float4s; to keep those reads conflict-free each row is
+// stored as VEC / 4 planes (element h of vector v goes to plane (h % VEC) / 4 at v * 4 + h % 4).
+
+template <typename TW>
+struct LogitsParams {
+  const float* pooled;  // (B, H)
+  int64_t batch, features, classes;
+  const TW* weight;
+  int64_t weight_row_stride;
+  const void* bias;
+  FloatType bias_type;
+  int64_t bias_stride;
+  RampNorm norm;
+  const void* norm_weight;
+  FloatType norm_weight_type;
+  int64_t norm_weight_stride;
+  float norm_eps;
+  int rows_per_tile;
+  int chunks;
+  int64_t chunk_rows;
+  float* logits;          // (B, K) or null
+  SoftmaxStats* partial;  // (B, chunks)
+};
+
+template <int VEC>
+struct ActLayout {
+  static constexpr int kPerLoad = VEC < 4 ? VEC : 4;  // floats per shared load
+  static constexpr int kPlanes = VEC / kPerLoad;
+  __device__ static __forceinline__ int index(int h, int features) {
+    return (h % VEC) / kPerLoad * (features / kPlanes) + h / VEC * kPerLoad + h % kPerLoad;
+  }
+};
+
+// Loads the pooled values of one plane of vector v of a shared row.
+template <int VEC>
+__device__ __forceinline__ void load_act_plane(const float* row, int plane, int v, int features,
+                                               float (&a)[ActLayout<VEC>::kPerLoad]) {
+  using L = ActLayout<VEC>;
+  const float* src = row + plane * (features / L::kPlanes) + v * L::kPerLoad;
+  if constexpr (L::kPerLoad == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(src);
+    a[0] = x.x;
+    a[1] = x.y;
+    a[2] = x.z;
+    a[3] = x.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < L::kPerLoad; ++e) a[e] = src[e];
+  }
+}
+
+// Sums 32 per-lane values over the 8 lanes of a group in 3 exchange steps (16 + 8 + 4 shuffles
+// instead of 32 x 3): at each step a lane keeps the half of its values selected by one bit of its
+// lane index and adds its partner's copy of that half. Afterwards lane q of the group holds the
+// group sums of values 4q .. 4q + 3, i.e. tile row q for its 4 classes.
+template <int Bit>
+__device__ __forceinline__ void group_transpose_sum(float (&v)[kTileRows * kRowsPerLane],
+                                                    int lane) {
+  constexpr int kHalf = Bit * kRowsPerLane;  // values still held per lane, halved each step
+  const bool upper = (lane & Bit) != 0;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const float keep = upper ? v[i + kHalf] : v[i];
+    const float give = upper ? v[i] : v[i + kHalf];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, give, Bit);
+  }
+  if constexpr (Bit > 1) group_transpose_sum<Bit / 2>(v, lane);
+}
+
+template <typename TW, int VEC>
+__global__ void __launch_bounds__(kLogitThreads, kMinCtasPerSm)
+    ramp_logits_kernel(LogitsParams<TW> p) {
+  using Act = ActLayout<VEC>;
+  extern __shared__ float4 smem_act4[];
+  float* act = reinterpret_cast<float*>(smem_act4);
+  __shared__ SoftmaxStats warp_stats[kLogitWarps][kTileRows];
+
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int features = int(p.features);
+  const int64_t row0 = int64_t(blockIdx.x) * p.rows_per_tile;
+  const int nrows = int(p.batch - row0 < p.rows_per_tile ? p.batch - row0 : p.rows_per_tile);
+
+  // Normalise the tile's rows into shared memory, one warp per row (redundant across chunks, but
+  // it reads only nrows * H floats from L2 and lets pooling run with a grid that has no row-wide
+  // reduction in it).
+  if (warp < nrows) {
+    const float* src = p.pooled + (row0 + warp) * p.features;
+    float* dst = act + warp * features;
+    float mean = 0.f;
+    float scale = 1.f;
+    if (p.norm == RampNorm::kLayer) {
+      float s = 0.f;
+      for (int h = lane; h < features; h += kWarp) s += __ldg(src + h);
+      mean = warp_sum(s) / float(features);
+    }
+    if (p.norm != RampNorm::kNone) {
+      float ss = 0.f;
+      for (int h = lane; h < features; h += kWarp) {
+        const float c = __ldg(src + h) - mean;
+        ss += c * c;
+      }
+      scale = rsqrtf(warp_sum(ss) / float(features) + p.norm_eps);
+    }
+    for (int h = lane; h < features; h += kWarp) {
+      float y = __ldg(src + h);
+      if (p.norm != RampNorm::kNone) {
+        y = ((y - mean) * scale) *
+            load_float(p.norm_weight, p.norm_weight_type, h * p.norm_weight_stride);
+      }
+      dst[Act::index(h, features)] = y;
+    }
+  }
+  __syncthreads();
+
+  const int group = lane / kLanesPerRow;
+  const int q = lane % kLanesPerRow;
+  const int nvec = features / VEC;
+  const int64_t k_begin = int64_t(blockIdx.y) * p.chunk_rows;
+  const int64_t k_end =
+      k_begin + p.chunk_rows < p.classes ? k_begin + p.chunk_rows : p.classes;
+  SoftmaxStats stats = empty_stats();  // of tile row q, over this lane's classes
+
+  for (int64_t k0 = k_begin + int64_t(warp) * kWarpClasses; k0 < k_end;
+       k0 += int64_t(kLogitWarps) * kWarpClasses) {
+    const int64_t k_lane = k0 + group * kRowsPerLane;
+    const TW* wrow[kRowsPerLane];
+    bool wvalid[kRowsPerLane];
+#pragma unroll
+    for (int g = 0; g < kRowsPerLane; ++g) {
+      wvalid[g] = k_lane + g < k_end;
+      wrow[g] = p.weight + (wvalid[g] ? k_lane + g : k_begin) * p.weight_row_stride;
+    }
+    float acc[kTileRows * kRowsPerLane];
+#pragma unroll
+    for (int i = 0; i < kTileRows * kRowsPerLane; ++i) acc[i] = 0.f;
+
+    for (int v0 = q; v0 < nvec; v0 += kLanesPerRow * kWeightUnroll) {
+      Pack<TW, VEC> w[kWeightUnroll][kRowsPerLane];
+#pragma unroll
+      for (int u = 0; u < kWeightUnroll; ++u) {
+        const int v = v0 + u * kLanesPerRow;
+#pragma unroll
+        for (int g = 0; g < kRowsPerLane; ++g) {
+          if (v < nvec && wvalid[g]) {
+            w[u][g] = load_pack<VEC>(wrow[g] + int64_t(v) * VEC);
+          } else {
+            w[u][g] = zero_pack<TW, VEC>();
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kWeightUnroll; ++u) {
+        const int v = v0 + u * kLanesPerRow;
+        // Past the end of H: skip rather than multiply zeros, which would turn an infinite
+        // pooled value into NaN.
+        if (v < nvec) {
+          // One plane (up to 4 elements of the vector) at a time keeps the converted weights
+          // at 16 registers, which leaves room for two vectors in flight per class.
+#pragma unroll
+          for (int plane = 0; plane < Act::kPlanes; ++plane) {
+            float wf[kRowsPerLane][Act::kPerLoad];
+#pragma unroll
+            for (int g = 0; g < kRowsPerLane; ++g) {
+#pragma unroll
+              for (int e = 0; e < Act::kPerLoad; ++e) {
+                wf[g][e] = to_float(w[u][g].v[plane * Act::kPerLoad + e]);
+              }
+            }
+#pragma unroll
+            for (int r = 0; r < kTileRows; ++r) {
+              if (r < nrows) {
+                float a[Act::kPerLoad];
+                load_act_plane<VEC>(act + r * features, plane, v, features, a);
+#pragma unroll
+                for (int g = 0; g < kRowsPerLane; ++g) {
+#pragma unroll
+                  for (int e = 0; e < Act::kPerLoad; ++e) {
+                    acc[r * kRowsPerLane + g] = fmaf(a[e], wf[g][e], acc[r * kRowsPerLane + g]);
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+
+    group_transpose_sum<kLanesPerRow / 2>(acc, lane);
+    if (q < nrows) {
+      const int64_t row = row0 + q;
+#pragma unroll
+      for (int j = 0; j < kRowsPerLane; ++j) {
+        const int64_t k = k_lane + j;
+        if (k < k_end) {
+          float l = acc[j];
+          if (p.bias != nullptr) l += load_float(p.bias, p.bias_type, k * p.bias_stride);
+          if (p.logits != nullptr) p.logits[row * p.classes + k] = l;
+          push_logit(stats, l, int(k));
+        }
+      }
+    }
+  }
+
+  // Lanes q, q + 8, q + 16, q + 24 hold row q: merge them, then merge the warps.
+  stats = merge_stats(stats, shfl_xor_stats(stats, kLanesPerRow));
+  stats = merge_stats(stats, shfl_xor_stats(stats, 2 * kLanesPerRow));
+  if (lane < kTileRows) warp_stats[warp][lane] = stats;
+  __syncthreads();
+  if (int(threadIdx.x) < nrows) {
+    SoftmaxStats s = warp_stats[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < kLogitWarps; ++w) s = merge_stats(s, warp_stats[w][threadIdx.x]);
+    p.partial[(row0 + threadIdx.x) * p.chunks + blockIdx.y] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 3: one warp per row merges the row's chunk statistics and decides.
+
+struct ConfidenceParams {
+  const SoftmaxStats* partial;  // (B, chunks)
+  int64_t batch;
+  int chunks;
+  float log_classes;
+  RampMetric metric;
+  const float* threshold;
+  const bool* alive;
+  int64_t alive_stride;
+  float* confidence;
+  int64_t* prediction;
+  bool* exit;
+};
+
+__global__ void __launch_bounds__(kConfidenceWarps* kWarp)
+    ramp_confidence_kernel(ConfidenceParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = int64_t(blockIdx.x) * kConfidenceWarps + threadIdx.x / kWarp;
+  if (b >= p.batch) return;
+  if (p.alive != nullptr && !p.alive[b * p.alive_stride]) {
+    if (lane == 0) {
+      p.confidence[b] = 0.f;
+      p.prediction[b] = 0;
+      p.exit[b] = false;
+    }
+    return;
+  }
+  SoftmaxStats s = empty_stats();
+  for (int c = lane; c < p.chunks; c += kWarp) s = merge_stats(s, p.partial[b * p.chunks + c]);
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) s = merge_stats(s, shfl_xor_stats(s, o));
+  if (lane != 0) return;
+  if (s.nonfinite) {
+    p.confidence[b] = NAN;
+    p.prediction[b] = -1;
+    p.exit[b] = false;
+    return;
+  }
+  float conf;
+  if (p.metric == RampMetric::kMaxProb) {
+    conf = 1.f / s.sum;
+  } else if (p.metric == RampMetric::kMargin) {
+    conf = (1.f - expf(s.second - s.max)) / s.sum;
+  } else {
+    const float entropy = logf(s.sum) - s.wsum / s.sum;
+    conf = fminf(fmaxf(1.f - entropy / p.log_classes, 0.f), 1.f);
+  }
+  p.confidence[b] = conf;
+  p.prediction[b] = s.argmax;
+  p.exit[b] = isfinite(conf) && conf >= *p.threshold;
+}
+
+inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+inline bool divides(int64_t vec, int64_t size, int64_t stride) {
+  return size <= 1 || stride % vec == 0;
+}
+
+template <typename T>
+cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, cudaStream_t stream) {
+  if (p.features == 0) return cudaSuccess;
+  if (p.mode == PoolMode::kMean && p.stride_f != 1 && p.features > 1 && p.stride_p == 1 &&
+      p.positions >= kWarp) {
+    const dim3 grid(unsigned(batch), unsigned((p.features + kPoolWarps - 1) / kPoolWarps));
+    pool_positions_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  constexpr int kVec = int(16 / sizeof(T));
+  const bool inner_folded = p.inner == p.positions;
+  const bool vector = (p.stride_f == 1 || p.features == 1) && p.features % kVec == 0 &&
+                      reinterpret_cast<uintptr_t>(p.hidden) % 16 == 0 &&
+                      divides(kVec, batch, p.stride_b) && divides(kVec, p.positions, p.stride_p) &&
+                      (inner_folded || divides(kVec, p.positions, p.stride_outer));
+  const int64_t per_block = int64_t(kWarp) * (vector ? kVec : 1);
+  const dim3 grid(unsigned(batch), unsigned((p.features + per_block - 1) / per_block));
+  if (vector) {
+    pool_features_kernel<T, kVec><<<grid, kPoolThreads, 0, stream>>>(p);
+  } else {
+    pool_features_kernel<T, 1><<<grid, kPoolThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename TW, int VEC>
+cudaError_t launch_logits_vec(const LogitsParams<TW>& p, const RampExitPlan& plan,
+                              cudaStream_t stream) {
+  auto kernel = ramp_logits_kernel<TW, VEC>;
+  if (plan.smem_bytes > 48 * 1024) {
+    // Opting in to more than the default 48 KiB is a host-side attribute, not a stream operation,
+    // so it is allowed while a CUDA graph is being captured.
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(plan.tiles), unsigned(plan.chunks));
+  kernel<<<grid, kLogitThreads, plan.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace ramp_detail
+
+// Computes the plan for the current device. Fails with cudaErrorInvalidValue when one pooled row
+// (H float32 values) does not fit in a CTA's shared memory (plan->max_features says the limit).
+inline cudaError_t plan_ramp_exit(int64_t batch, int64_t features, int64_t classes,
+                                  RampExitPlan* plan) {
+  using namespace ramp_detail;
+  int device = 0, sms = 0, smem_optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+
+  RampExitPlan r{};
+  r.batch = batch;
+  r.features = features;
+  r.classes = classes;
+  const int64_t budget =
+      int64_t(smem_optin) - int64_t(sizeof(SoftmaxStats)) * kLogitWarps * kTileRows;
+  r.max_features = budget / int64_t(sizeof(float));
+  const int64_t row_bytes = features * int64_t(sizeof(float));
+  int64_t cap = row_bytes == 0 ? kTileRows : budget / row_bytes;
+  cap = cap < kTileRows ? cap : kTileRows;
+  if (cap < 1) {
+    *plan = r;
+    return cudaErrorInvalidValue;
+  }
+  const int64_t rows = batch > 0 ? batch : 1;
+  r.tiles = int((rows + cap - 1) / cap);
+  r.rows_per_tile = int((rows + r.tiles - 1) / r.tiles);  // balanced tiles
+  // Enough chunks for kMinCtasPerSm resident CTAs per SM in total, but at least one warp step
+  // per warp of a CTA, so that small heads are not split into chunks of idle warps.
+  const int64_t steps = (classes + kWarpClasses - 1) / kWarpClasses;
+  const int64_t want = (int64_t(kMinCtasPerSm) * sms + r.tiles - 1) / r.tiles;
+  int64_t steps_per_chunk = (steps + want - 1) / want;
+  steps_per_chunk = steps_per_chunk > kLogitWarps ? steps_per_chunk : kLogitWarps;
+  r.chunk_rows = steps_per_chunk * kWarpClasses;
+  r.chunks = int(classes > 0 ? (classes + r.chunk_rows - 1) / r.chunk_rows : 1);
+  r.smem_bytes = size_t(r.rows_per_tile) * size_t(row_bytes);
+  r.pooled_bytes = round_up(size_t(batch) * size_t(row_bytes), 256);
+  r.workspace_bytes = r.pooled_bytes + size_t(batch) * r.chunks * sizeof(SoftmaxStats);
+  *plan = r;
+  return cudaSuccess;
+}
+
+// Runs the ramp on `stream`. `workspace` (plan.workspace_bytes, 256-byte aligned) is scratch on
+// the same device; nothing is allocated and nothing waits for the device.
+template <typename THidden, typename TWeight>
+cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const RampExitPlan& plan,
+                             void* workspace, cudaStream_t stream) {
+  using namespace ramp_detail;
+  const int64_t batch = plan.batch;
+  if (batch == 0) return cudaSuccess;
+  float* pooled = static_cast<float*>(workspace);
+  SoftmaxStats* partial =
+      reinterpret_cast<SoftmaxStats*>(static_cast<char*>(workspace) + plan.pooled_bytes);
+
+  PoolParams<THidden> pp{};
+  pp.hidden = a.hidden;
+  pp.stride_b = a.strides[0];
+  pp.stride_outer = 0;
+  if (a.pool == RampPool::kAvg) {
+    pp.features = a.sizes[1];
+    pp.stride_f = a.strides[1];
+    pp.positions = a.sizes[2] * a.sizes[3];
+    pp.stride_p = a.strides[3];
+    pp.stride_outer = a.strides[2];
+    const bool foldable = a.sizes[2] <= 1 || a.strides[2] == a.sizes[3] * a.strides[3];
+    pp.inner = foldable ? pp.positions : a.sizes[3];
+    pp.mode = PoolMode::kMean;
+  } else if (a.pool == RampPool::kNone) {
+    pp.features = a.sizes[1];
+    pp.stride_f = a.strides[1];
+    pp.positions = 1;
+    pp.stride_p = 0;
+    pp.inner = 1;
+    pp.mode = PoolMode::kSelect;
+    pp.select = 0;
+  } else {
+    pp.features = a.sizes[2];
+    pp.stride_f = a.strides[2];
+    pp.positions = a.sizes[1];
+    pp.stride_p = a.strides[1];
+    pp.inner = pp.positions;
+    if (a.pool == RampPool::kMean) {
+      pp.mode = PoolMode::kMean;
+    } else if (a.pool == RampPool::kLast && a.mask != nullptr) {
+      pp.mode = PoolMode::kLastValid;
+    } else {
+      pp.mode = PoolMode::kSelect;
+      pp.select = a.pool == RampPool::kLast ? pp.positions - 1 : 0;
+    }
+  }
+  const bool uses_mask = a.pool == RampPool::kMean || a.pool == RampPool::kLast;
+  pp.mask = uses_mask ? a.mask : nullptr;
+  pp.mask_stride_b = a.mask_strides[0];
+  pp.mask_stride_t = a.mask_strides[1];
+  pp.alive = a.alive;
+  pp.alive_stride = a.alive_stride;
+  pp.pooled = pooled;
+  if (pp.features != plan.features) return cudaErrorInvalidValue;
+  cudaError_t err = launch_pool(pp, batch, stream);
+  if (err != cudaSuccess) return err;
+
+  LogitsParams<TWeight> lp{};
+  lp.pooled = pooled;
+  lp.batch = batch;
+  lp.features = plan.features;
+  lp.classes = plan.classes;
+  lp.weight = a.weight;
+  lp.weight_row_stride = a.weight_row_stride;
+  lp.bias = a.bias;
+  lp.bias_type = a.bias_type;
+  lp.bias_stride = a.bias_stride;
+  lp.norm = a.norm;
+  lp.norm_weight = a.norm_weight;
+  lp.norm_weight_type = a.norm_weight_type;
+  lp.norm_weight_stride = a.norm_weight_stride;
+  lp.norm_eps = a.norm_eps;
+  lp.rows_per_tile = plan.rows_per_tile;
+  lp.chunks = plan.chunks;
+  lp.chunk_rows = plan.chunk_rows;
+  lp.logits = a.logits;
+  lp.partial = partial;
+  constexpr int kVec = int(16 / sizeof(TWeight));
+  const bool vector = plan.features % kVec == 0 &&
+                      reinterpret_cast<uintptr_t>(a.weight) % 16 == 0 &&
+                      divides(kVec, plan.classes, a.weight_row_stride);
+  err = vector ? launch_logits_vec<TWeight, kVec>(lp, plan, stream)
+               : launch_logits_vec<TWeight, 1>(lp, plan, stream);
+  if (err != cudaSuccess) return err;
+
+  ConfidenceParams cp{};
+  cp.partial = partial;
+  cp.batch = batch;
+  cp.chunks = plan.chunks;
+  // The reference divides by math.log(K), a double rounded to float32.
+  cp.log_classes = float(std::log(double(plan.classes)));
+  cp.metric = a.metric;
+  cp.threshold = a.threshold;
+  cp.alive = a.alive;
+  cp.alive_stride = a.alive_stride;
+  cp.confidence = a.confidence;
+  cp.prediction = a.prediction;
+  cp.exit = a.exit;
+  const unsigned blocks = unsigned((batch + kConfidenceWarps - 1) / kConfidenceWarps);
+  ramp_confidence_kernel<<<blocks, kConfidenceWarps * kWarp, 0, stream>>>(cp);
+  return cudaGetLastError();
+}
+
+}  // namespace apparate
