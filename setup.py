@@ -74,7 +74,7 @@ if build_cuda:
             "apparate._C_cuda",
             ["csrc/torch_bindings_cuda.cpp", *_sources("csrc/ops/*.cu")],
             include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20"]},
         )
     )
 else:

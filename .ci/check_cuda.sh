@@ -23,7 +23,8 @@ trap 'rm -rf "$WORK"' EXIT
 WARN=(-Xcompiler -Wall,-Wextra --Werror all-warnings)
 NVCC_BASE=(-std=c++20 -O3 -arch="$ARCH" "${WARN[@]}")
 
-# Launcher instantiations of each header: every launcher template for every dtype it accepts.
+# Launcher instantiations of each header: every launcher template for every dtype it accepts, and
+# the address of every other host entry point (so that it and the kernels it launches are built).
 instantiate() {
   case "$1" in
     ramp_exit.cuh)
@@ -35,12 +36,10 @@ instantiate() {
                "cudaStream_t);"
         done
       done
-      echo "cudaError_t (*check_plan)(int64_t, int64_t, int64_t, apparate::RampExitPlan*) =" \
-           "apparate::plan_ramp_exit;"
+      echo "auto* check_plan = &apparate::plan_ramp_exit;"
       ;;
     compact_rows.cuh)
-      echo "cudaError_t (*check_compact)(const apparate::CompactRowsArgs&, cudaStream_t) =" \
-           "apparate::launch_compact_rows;"
+      echo "auto* check_compact = &apparate::launch_compact_rows;"
       ;;
   esac
 }
@@ -78,9 +77,11 @@ for header in "$ROOT"/csrc/include/apparate/*.cuh; do
     -I"$ROOT/csrc/include" -c "$unit" -o "$WORK/standalone_${base%.cuh}.o"
 done
 
-TORCH_INCLUDE=$("$PYTHON" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+TORCH_INCLUDE=$("$PYTHON" -c \
+  "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
 PYTHON_INCLUDE=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-mapfile -t TORCH_NVCC_FLAGS < <("$PYTHON" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print('\n'.join(f))")
+mapfile -t TORCH_NVCC_FLAGS < <("$PYTHON" -c \
+  "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print('\n'.join(f))")
 mkdir -p "$WORK/shim/c10/cuda/impl"
 : >"$WORK/shim/c10/cuda/impl/cuda_cmake_macros.h"
 INCLUDES=(-I"$ROOT/csrc" -I"$ROOT/csrc/include" -I"$WORK/shim" -isystem "$TORCH_INCLUDE"

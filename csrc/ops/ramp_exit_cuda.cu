@@ -151,8 +151,14 @@ RampExitResult ramp_exit_cuda(APPARATE_RAMP_EXIT_ARGS) {
   at::Tensor exit = at::empty({batch}, on_device.dtype(at::kBool));
   if (batch == 0) return {confidence, prediction, exit};
 
+  int64_t sizes[4] = {0, 0, 0, 0};
+  int64_t strides[4] = {0, 0, 0, 0};
+  for (int64_t d = 0; d < hidden.dim(); ++d) {
+    sizes[d] = hidden.size(d);
+    strides[d] = hidden.stride(d);
+  }
   RampExitPlan plan{};
-  const cudaError_t planned = plan_ramp_exit(batch, features, classes, &plan);
+  const cudaError_t planned = plan_ramp_exit(pool_kind, sizes, classes, &plan);
   TORCH_CHECK(planned != cudaErrorInvalidValue, "ramp_exit_cuda: feature size H = ", features,
               " does not fit the shared memory of this GPU (at most ", plan.max_features,
               "); use the Triton or reference backend for it");
@@ -167,9 +173,9 @@ RampExitResult ramp_exit_cuda(APPARATE_RAMP_EXIT_ARGS) {
       using TW = typename decltype(weight_tag)::type;
       RampExitArgs<TH, TW> a{};
       a.hidden = static_cast<const TH*>(hidden.data_ptr());
-      for (int64_t d = 0; d < hidden.dim(); ++d) {
-        a.sizes[d] = hidden.size(d);
-        a.strides[d] = hidden.stride(d);
+      for (int d = 0; d < 4; ++d) {
+        a.sizes[d] = sizes[d];
+        a.strides[d] = strides[d];
       }
       a.pool = pool_kind;
       if (mask.has_value()) {

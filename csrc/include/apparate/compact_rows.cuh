@@ -142,8 +142,9 @@ __global__ void __launch_bounds__(kThreads) compact_rows_kernel(Params p) {
       }
     }
     kept += in_round;
-    // The next round rewrites warp_kept and rank_in_round only after its first barrier, which
-    // every thread reaches after its last read of them here.
+    // No barrier needed before the next round: a thread rewrites warp_kept only once every
+    // thread has passed this round's second barrier, and rank_in_round only once every thread has
+    // passed the next round's first barrier, each after the last reads of them.
   }
   if (writes_index) {
     for (int64_t i = kept + tid; i < p.rows; i += kThreads) p.index[i] = -1;
@@ -175,7 +176,9 @@ inline cudaError_t launch_compact_rows(const CompactRowsArgs& a, cudaStream_t st
   using namespace compact_detail;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
   if (err != cudaSuccess) return err;
 
   // Widest access that every row start and the row length allow.
@@ -187,8 +190,9 @@ inline cudaError_t launch_compact_rows(const CompactRowsArgs& a, cudaStream_t st
   // Wide slices keep accesses long; narrow ones give more CTAs. Halve until the grid covers
   // kCtasPerSm CTAs per SM (or the slice reaches its minimum).
   int lanes = kMaxLanesPerRow;
+  const int64_t wanted_ctas = int64_t(kCtasPerSm) * sms;
   while (lanes > kMinLanesPerRow &&
-         (a.row_bytes + int64_t(lanes) * v - 1) / (int64_t(lanes) * v) < int64_t(kCtasPerSm) * sms) {
+         (a.row_bytes + int64_t(lanes) * v - 1) / (int64_t(lanes) * v) < wanted_ctas) {
     lanes /= 2;
   }
   Params p{};

@@ -2,8 +2,8 @@
 // Semantics: ramp_exit_ref in apparate/ops/ramp_exit.py. Raw pointers only; no torch needed.
 //
 // Three kernels on one stream, with nothing read back to the host:
-//   1. pool:       hidden -> pooled (B, H) float32 in a workspace, dead rows as zeros. Parallel over
-//                  rows and feature tiles, so long sequences and big feature maps fill the GPU.
+//   1. pool:       hidden -> pooled float32 rows in a workspace, dead rows as zeros. Parallel over
+//                  rows, feature tiles and (for long means) slices of the positions.
 //   2. logits:     split-K GEMV. A CTA owns a tile of up to 8 rows and a chunk of the K classes:
 //                  it normalises the tile's pooled rows into shared memory, streams its chunk of
 //                  the weight once for all rows of the tile, writes the logits if asked and reduces
@@ -26,25 +26,10 @@ namespace apparate {
 enum class RampPool : int { kCls, kMean, kLast, kAvg, kNone };
 enum class RampMetric : int { kMaxProb, kMargin, kEntropy };
 enum class RampNorm : int { kNone, kRms, kLayer };
-// Element type of tensors that are read a handful of times per row (bias, norm weight): they are
-// converted through a runtime switch, which costs nothing there and keeps the number of kernel
-// instantiations at (hidden type) + (weight type) instead of their product with two more types.
+// Element type of the tensors read once per class or feature (bias, norm weight): a runtime
+// switch costs nothing there, and templating the kernels on them too would multiply the number
+// of instantiations by 9. hidden and weight, read in the hot loops, are template parameters.
 enum class FloatType : int { kFloat32, kFloat16, kBFloat16 };
-
-template <typename T>
-struct FloatTypeOf;
-template <>
-struct FloatTypeOf<float> {
-  static constexpr FloatType value = FloatType::kFloat32;
-};
-template <>
-struct FloatTypeOf<__half> {
-  static constexpr FloatType value = FloatType::kFloat16;
-};
-template <>
-struct FloatTypeOf<__nv_bfloat16> {
-  static constexpr FloatType value = FloatType::kBFloat16;
-};
 
 // Arguments of one ramp evaluation. Sizes and strides are in elements.
 template <typename THidden, typename TWeight>
@@ -54,7 +39,7 @@ struct RampExitArgs {
   const THidden* hidden;
   int64_t sizes[4];
   int64_t strides[4];
-  RampPool pool;
+  RampPool pool;  // must be the pool the plan was made for
   const bool* mask;  // (B, T) valid tokens for mean / last, or null
   int64_t mask_strides[2];
   const bool* alive;  // (B,) or null
@@ -78,14 +63,37 @@ struct RampExitArgs {
   bool* exit;              // (B,)
 };
 
-// Launch geometry and workspace size; depends on the device and on (B, H, K) only.
+// Batch, feature size and averaged positions of hidden under a pool (sizes as in RampExitArgs).
+struct RampShape {
+  int64_t batch;
+  int64_t features;
+  int64_t mean_positions;  // positions a mean / avg pool averages; 0 for single-position pools
+};
+
+inline RampShape ramp_shape(RampPool pool, const int64_t (&sizes)[4]) {
+  switch (pool) {
+    case RampPool::kAvg:
+      return {sizes[0], sizes[1], sizes[2] * sizes[3]};
+    case RampPool::kNone:
+      return {sizes[0], sizes[1], 0};
+    case RampPool::kMean:
+      return {sizes[0], sizes[2], sizes[1]};
+    default:
+      return {sizes[0], sizes[2], 0};
+  }
+}
+
+// Launch geometry and workspace size; depends on the device, the shape and K only.
 struct RampExitPlan {
-  int64_t batch, features, classes;
-  int rows_per_tile;  // rows of one logits CTA (<= 8)
+  RampShape shape;
+  int64_t classes;
+  int splits;               // pooling blocks that share the positions of one row
+  int64_t split_positions;  // positions per pooling split
+  int rows_per_tile;        // rows of one logits CTA (<= 8)
   int tiles;
-  int chunks;          // chunks of K per row tile
-  int64_t chunk_rows;  // classes per chunk, a multiple of the 16 a warp handles per step
-  size_t smem_bytes;   // dynamic shared memory of the logits kernel
+  int chunks;               // chunks of K per row tile
+  int64_t chunk_rows;       // classes per chunk, a multiple of the 16 a warp handles per step
+  size_t smem_bytes;        // dynamic shared memory of the logits kernel
   size_t pooled_bytes;
   size_t workspace_bytes;
   int64_t max_features;  // largest H whose pooled row fits in one CTA's shared memory
@@ -111,6 +119,7 @@ constexpr int kConfidenceWarps = 4;
 // After the transposed reduction over the lanes of a group, lane q holds the sums of tile row q
 // for its classes: a tile has exactly one row per lane of a group.
 static_assert(kTileRows == kLanesPerRow, "one tile row per lane of a group after the reduction");
+static_assert(kRowsPerLane == 4, "logits are stored as one float4 per lane");
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
@@ -270,10 +279,15 @@ __device__ __forceinline__ SoftmaxStats shfl_xor_stats(const SoftmaxStats& s, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: pooling. Every pool is one of three modes over "positions" p of a row, where the
-// element of feature f at position p sits at b * stride_b + f * stride_f + offset(p) and
-// offset(p) = (p / inner) * stride_outer + (p % inner) * stride_p (avg's two spatial dims; the
+// Kernel 1: pooling. Every pool is one of three modes over "positions" t of a row, where the
+// element of feature f at position t sits at b * stride_b + f * stride_f + offset(t) and
+// offset(t) = (t / inner) * stride_outer + (t % inner) * stride_p (avg's two spatial dims; the
 // launcher folds them into one whenever the strides allow, so the division is rarely executed).
+//
+// A mean over many positions of few rows (one request with a long sequence) would leave most SMs
+// idle, so its positions are split over `splits` blocks (grid z). Each writes its share of the
+// mean to its own slot of the workspace, (B, splits, H), and the logits kernel adds the slots up
+// when it loads the row: no atomics, no extra pass, the same result on every run.
 
 enum class PoolMode : int { kSelect, kLastValid, kMean };
 
@@ -283,12 +297,13 @@ struct PoolParams {
   int64_t features, positions, inner;
   int64_t stride_b, stride_f, stride_p, stride_outer;
   PoolMode mode;
-  int64_t select;  // kSelect: the position taken (cls / none: 0, last without mask: T - 1)
+  int64_t select;           // kSelect: the position taken (cls / none: 0, last without mask: T - 1)
+  int64_t split_positions;  // kMean: positions per split (blockIdx.z)
   const bool* mask;
   int64_t mask_stride_b, mask_stride_t;
   const bool* alive;
   int64_t alive_stride;
-  float* pooled;  // (B, features)
+  float* pooled;  // (B, gridDim.z, features)
 };
 
 template <typename T>
@@ -307,9 +322,29 @@ __device__ __forceinline__ bool position_valid(const PoolParams<T>& p, int64_t b
   return p.mask == nullptr || p.mask[b * p.mask_stride_b + t * p.mask_stride_t];
 }
 
+// The mean's divisor: the number of valid positions of the whole row (at least 1) with a mask,
+// else all positions. Every thread of the block returns it.
+template <typename T>
+__device__ __forceinline__ float mean_divisor(const PoolParams<T>& p, int64_t b,
+                                              int* warp_count) {
+  if (p.mask == nullptr) return float(p.positions);
+  int count = 0;
+  for (int64_t t = threadIdx.x; t < p.positions; t += kPoolThreads) {
+    count += position_valid(p, b, t) ? 1 : 0;
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) count += __shfl_xor_sync(0xffffffffu, count, o);
+  if (threadIdx.x % kWarp == 0) warp_count[threadIdx.x / kWarp] = count;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kPoolWarps; ++w) total += warp_count[w];
+  return float(total > 0 ? total : 1);
+}
+
 // Lanes over features (VEC consecutive features per lane, one vector load when VEC > 1), warps
-// over positions. Grid (B, feature tiles of 32 * VEC). Used for every pool whose features are
-// contiguous, and for the single-position pools whatever their layout.
+// over positions. Grid (B, feature tiles of 32 * VEC, splits). Used for every pool whose features
+// are contiguous, and for the single-position pools whatever their layout.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<T> p) {
   __shared__ float partial[kPoolWarps * VEC * kWarp];  // [warp][element][lane]: no bank conflicts
@@ -321,7 +356,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<
   const int warp = threadIdx.x / kWarp;
   const int64_t f0 = (int64_t(blockIdx.y) * kWarp + lane) * VEC;
   const bool active = f0 < p.features;  // VEC > 1 only when VEC divides features
-  float* out = p.pooled + b * p.features + f0;
+  float* out = p.pooled + (b * gridDim.z + blockIdx.z) * p.features + f0;
 
   if (row_is_dead(p, b)) {  // pooled as zeros; hidden (maybe NaN) is never read
     if (warp == 0 && active) {
@@ -364,19 +399,22 @@ __global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<
     return;
   }
 
+  const float divisor = mean_divisor(p, b, warp_count);
+  const int64_t t_begin = int64_t(blockIdx.z) * p.split_positions;
+  const int64_t t_end =
+      t_begin + p.split_positions < p.positions ? t_begin + p.split_positions : p.positions;
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-  int count = 0;  // valid positions seen by this warp (the same in all its lanes)
-  for (int64_t t0 = warp; t0 < p.positions; t0 += int64_t(kPoolWarps) * kPoolUnroll) {
+  for (int64_t t0 = t_begin + warp; t0 < t_end; t0 += int64_t(kPoolWarps) * kPoolUnroll) {
     Pack<T, VEC> v[kPoolUnroll];
     bool use[kPoolUnroll];
 #pragma unroll
     for (int u = 0; u < kPoolUnroll; ++u) {
       const int64_t t = t0 + int64_t(u) * kPoolWarps;
       // Masked positions are skipped, not multiplied by 0, so a NaN there cannot leak in.
-      use[u] = t < p.positions && position_valid(p, b, t);
-      if (use[u] && active) {
+      use[u] = active && t < t_end && position_valid(p, b, t);
+      if (use[u]) {
         if constexpr (VEC > 1) {
           v[u] = load_pack<VEC>(row + position_offset(p, t));
         } else {
@@ -387,24 +425,15 @@ __global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<
 #pragma unroll
     for (int u = 0; u < kPoolUnroll; ++u) {
       if (use[u]) {
-        ++count;
-        if (active) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += to_float(v[u].v[e]);
-        }
+        for (int e = 0; e < VEC; ++e) acc[e] += to_float(v[u].v[e]);
       }
     }
   }
 #pragma unroll
   for (int e = 0; e < VEC; ++e) partial[(warp * VEC + e) * kWarp + lane] = acc[e];
-  if (lane == 0) warp_count[warp] = count;
   __syncthreads();
   if (warp != 0 || !active) return;
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kPoolWarps; ++w) total += warp_count[w];
-  const float divisor =
-      p.mask != nullptr ? float(total > 0 ? total : 1) : float(p.positions);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     float s = 0.f;
@@ -416,44 +445,40 @@ __global__ void __launch_bounds__(kPoolThreads) pool_features_kernel(PoolParams<
 
 // Mean over positions for layouts whose positions are contiguous and features are not (NCHW
 // feature maps): a warp per feature with lanes over positions, so loads stay coalesced.
-// Grid (B, ceil(features / 8)).
+// Grid (B, ceil(features / 8), splits).
 template <typename T>
 __global__ void __launch_bounds__(kPoolThreads) pool_positions_kernel(PoolParams<T> p) {
+  __shared__ int warp_count[kPoolWarps];
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % kWarp;
   const int64_t f = int64_t(blockIdx.y) * kPoolWarps + threadIdx.x / kWarp;
-  if (f >= p.features) return;  // warp-uniform; this kernel has no block barrier
-  float* out = p.pooled + b * p.features + f;
   if (row_is_dead(p, b)) {
-    if (lane == 0) *out = 0.f;
+    if (lane == 0 && f < p.features) p.pooled[(b * gridDim.z + blockIdx.z) * p.features + f] = 0.f;
     return;
   }
+  const float divisor = mean_divisor(p, b, warp_count);
+  if (f >= p.features) return;  // warp-uniform, and after the last block barrier
   const T* base = p.hidden + b * p.stride_b + f * p.stride_f;
+  const int64_t t_begin = int64_t(blockIdx.z) * p.split_positions;
+  const int64_t t_end =
+      t_begin + p.split_positions < p.positions ? t_begin + p.split_positions : p.positions;
   float acc = 0.f;
-  int count = 0;
-  for (int64_t t0 = lane; t0 < p.positions; t0 += int64_t(kWarp) * kPoolUnroll) {
+  for (int64_t t0 = t_begin + lane; t0 < t_end; t0 += int64_t(kWarp) * kPoolUnroll) {
     T v[kPoolUnroll];
     bool use[kPoolUnroll];
 #pragma unroll
     for (int u = 0; u < kPoolUnroll; ++u) {
       const int64_t t = t0 + int64_t(u) * kWarp;
-      use[u] = t < p.positions && position_valid(p, b, t);
+      use[u] = t < t_end && position_valid(p, b, t);
       if (use[u]) v[u] = __ldg(base + position_offset(p, t));
     }
 #pragma unroll
     for (int u = 0; u < kPoolUnroll; ++u) {
-      if (use[u]) {
-        ++count;
-        acc += to_float(v[u]);
-      }
+      if (use[u]) acc += to_float(v[u]);
     }
   }
   acc = warp_sum(acc);
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) count += __shfl_xor_sync(0xffffffffu, count, o);
-  if (lane == 0) {
-    *out = acc / (p.mask != nullptr ? float(count > 0 ? count : 1) : float(p.positions));
-  }
+  if (lane == 0) p.pooled[(b * gridDim.z + blockIdx.z) * p.features + f] = acc / divisor;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,7 +498,8 @@ __global__ void __launch_bounds__(kPoolThreads) pool_positions_kernel(PoolParams
 
 template <typename TW>
 struct LogitsParams {
-  const float* pooled;  // (B, H)
+  const float* pooled;  // (B, splits, H): the pooling splits of each row, to be added up
+  int splits;
   int64_t batch, features, classes;
   const TW* weight;
   int64_t weight_row_stride;
@@ -489,6 +515,7 @@ struct LogitsParams {
   int chunks;
   int64_t chunk_rows;
   float* logits;          // (B, K) or null
+  bool logits_vec4;       // logits rows start 16-byte aligned: a lane stores its 4 classes at once
   SoftmaxStats* partial;  // (B, chunks)
 };
 
@@ -526,7 +553,7 @@ __device__ __forceinline__ void load_act_plane(const float* row, int plane, int 
 template <int Bit>
 __device__ __forceinline__ void group_transpose_sum(float (&v)[kTileRows * kRowsPerLane],
                                                     int lane) {
-  constexpr int kHalf = Bit * kRowsPerLane;  // values still held per lane, halved each step
+  constexpr int kHalf = Bit * kRowsPerLane;  // values a lane keeps after this step
   const bool upper = (lane & Bit) != 0;
 #pragma unroll
   for (int i = 0; i < kHalf; ++i) {
@@ -551,34 +578,33 @@ __global__ void __launch_bounds__(kLogitThreads, kMinCtasPerSm)
   const int64_t row0 = int64_t(blockIdx.x) * p.rows_per_tile;
   const int nrows = int(p.batch - row0 < p.rows_per_tile ? p.batch - row0 : p.rows_per_tile);
 
-  // Normalise the tile's rows into shared memory, one warp per row (redundant across chunks, but
-  // it reads only nrows * H floats from L2 and lets pooling run with a grid that has no row-wide
-  // reduction in it).
+  // Sum the pooling splits of the tile's rows and normalise them into shared memory, one warp per
+  // row. Every chunk's CTA repeats this, but it reads only nrows * splits * H floats from L2, and
+  // it spares pooling a row-wide reduction, so pooling can spread a row over many blocks.
   if (warp < nrows) {
-    const float* src = p.pooled + (row0 + warp) * p.features;
+    const float* src = p.pooled + (row0 + warp) * p.splits * p.features;
     float* dst = act + warp * features;
-    float mean = 0.f;
-    float scale = 1.f;
-    if (p.norm == RampNorm::kLayer) {
-      float s = 0.f;
-      for (int h = lane; h < features; h += kWarp) s += __ldg(src + h);
-      mean = warp_sum(s) / float(features);
+    float sum = 0.f;
+    for (int h = lane; h < features; h += kWarp) {
+      float x = __ldg(src + h);
+      for (int split = 1; split < p.splits; ++split) x += __ldg(src + split * p.features + h);
+      dst[Act::index(h, features)] = x;
+      sum += x;
     }
+    // Each lane revisits only the elements it wrote, so the warp needs no barrier in between.
     if (p.norm != RampNorm::kNone) {
+      const float mean = p.norm == RampNorm::kLayer ? warp_sum(sum) / float(features) : 0.f;
       float ss = 0.f;
       for (int h = lane; h < features; h += kWarp) {
-        const float c = __ldg(src + h) - mean;
+        const float c = dst[Act::index(h, features)] - mean;
         ss += c * c;
       }
-      scale = rsqrtf(warp_sum(ss) / float(features) + p.norm_eps);
-    }
-    for (int h = lane; h < features; h += kWarp) {
-      float y = __ldg(src + h);
-      if (p.norm != RampNorm::kNone) {
+      const float scale = rsqrtf(warp_sum(ss) / float(features) + p.norm_eps);
+      for (int h = lane; h < features; h += kWarp) {
+        float& y = dst[Act::index(h, features)];
         y = ((y - mean) * scale) *
             load_float(p.norm_weight, p.norm_weight_type, h * p.norm_weight_stride);
       }
-      dst[Act::index(h, features)] = y;
     }
   }
   __syncthreads();
@@ -663,10 +689,19 @@ __global__ void __launch_bounds__(kLogitThreads, kMinCtasPerSm)
       for (int j = 0; j < kRowsPerLane; ++j) {
         const int64_t k = k_lane + j;
         if (k < k_end) {
-          float l = acc[j];
-          if (p.bias != nullptr) l += load_float(p.bias, p.bias_type, k * p.bias_stride);
-          if (p.logits != nullptr) p.logits[row * p.classes + k] = l;
-          push_logit(stats, l, int(k));
+          if (p.bias != nullptr) acc[j] += load_float(p.bias, p.bias_type, k * p.bias_stride);
+          push_logit(stats, acc[j], int(k));
+        }
+      }
+      if (p.logits != nullptr) {
+        float* out = p.logits + row * p.classes + k_lane;
+        if (p.logits_vec4 && k_lane + kRowsPerLane <= k_end) {
+          *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kRowsPerLane; ++j) {
+            if (k_lane + j < k_end) out[j] = acc[j];
+          }
         }
       }
     }
@@ -742,16 +777,18 @@ __global__ void __launch_bounds__(kConfidenceWarps* kWarp)
 
 inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline bool divides(int64_t vec, int64_t size, int64_t stride) {
   return size <= 1 || stride % vec == 0;
 }
 
 template <typename T>
-cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, cudaStream_t stream) {
+cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, int splits, cudaStream_t stream) {
   if (p.features == 0) return cudaSuccess;
   if (p.mode == PoolMode::kMean && p.stride_f != 1 && p.features > 1 && p.stride_p == 1 &&
       p.positions >= kWarp) {
-    const dim3 grid(unsigned(batch), unsigned((p.features + kPoolWarps - 1) / kPoolWarps));
+    const dim3 grid(unsigned(batch), unsigned(ceil_div(p.features, kPoolWarps)), unsigned(splits));
     pool_positions_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }
@@ -762,7 +799,7 @@ cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, cudaStream_t stre
                       divides(kVec, batch, p.stride_b) && divides(kVec, p.positions, p.stride_p) &&
                       (inner_folded || divides(kVec, p.positions, p.stride_outer));
   const int64_t per_block = int64_t(kWarp) * (vector ? kVec : 1);
-  const dim3 grid(unsigned(batch), unsigned((p.features + per_block - 1) / per_block));
+  const dim3 grid(unsigned(batch), unsigned(ceil_div(p.features, per_block)), unsigned(splits));
   if (vector) {
     pool_features_kernel<T, kVec><<<grid, kPoolThreads, 0, stream>>>(p);
   } else {
@@ -772,8 +809,8 @@ cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, cudaStream_t stre
 }
 
 template <typename TW, int VEC>
-cudaError_t launch_logits_vec(const LogitsParams<TW>& p, const RampExitPlan& plan,
-                              cudaStream_t stream) {
+cudaError_t launch_logits(const LogitsParams<TW>& p, const RampExitPlan& plan,
+                          cudaStream_t stream) {
   auto kernel = ramp_logits_kernel<TW, VEC>;
   if (plan.smem_bytes > 48 * 1024) {
     // Opting in to more than the default 48 KiB is a host-side attribute, not a stream operation,
@@ -789,11 +826,16 @@ cudaError_t launch_logits_vec(const LogitsParams<TW>& p, const RampExitPlan& pla
 
 }  // namespace ramp_detail
 
-// Computes the plan for the current device. Fails with cudaErrorInvalidValue when one pooled row
-// (H float32 values) does not fit in a CTA's shared memory (plan->max_features says the limit).
-inline cudaError_t plan_ramp_exit(int64_t batch, int64_t features, int64_t classes,
+// Plans a ramp over hidden of `sizes` under `pool` with K = `classes` on the current device.
+// Fails with cudaErrorInvalidValue when one pooled row (H float32 values) does not fit in a CTA's
+// shared memory; plan->max_features then says the limit.
+inline cudaError_t plan_ramp_exit(RampPool pool, const int64_t (&sizes)[4], int64_t classes,
                                   RampExitPlan* plan) {
   using namespace ramp_detail;
+  // Pooling blocks wanted per SM before a row's positions are split, and the most splits: each
+  // split adds a slot per row that every logits CTA reads back.
+  constexpr int64_t kPoolBlocksPerSm = 2;
+  constexpr int64_t kMaxSplits = 16;
   int device = 0, sms = 0, smem_optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -803,9 +845,10 @@ inline cudaError_t plan_ramp_exit(int64_t batch, int64_t features, int64_t class
   if (err != cudaSuccess) return err;
 
   RampExitPlan r{};
-  r.batch = batch;
-  r.features = features;
+  r.shape = ramp_shape(pool, sizes);
   r.classes = classes;
+  const int64_t batch = r.shape.batch;
+  const int64_t features = r.shape.features;
   const int64_t budget =
       int64_t(smem_optin) - int64_t(sizeof(SoftmaxStats)) * kLogitWarps * kTileRows;
   r.max_features = budget / int64_t(sizeof(float));
@@ -817,19 +860,35 @@ inline cudaError_t plan_ramp_exit(int64_t batch, int64_t features, int64_t class
     return cudaErrorInvalidValue;
   }
   const int64_t rows = batch > 0 ? batch : 1;
-  r.tiles = int((rows + cap - 1) / cap);
-  r.rows_per_tile = int((rows + r.tiles - 1) / r.tiles);  // balanced tiles
+
+  const int64_t positions = r.shape.mean_positions;
+  r.splits = 1;
+  r.split_positions = positions;
+  if (positions > 0) {
+    // Feature tiles as 16-byte loads of a 16-bit type make them (the most a row can have).
+    const int64_t blocks = rows * ceil_div(features > 0 ? features : 1, kWarp * 8);
+    int64_t splits = ceil_div(kPoolBlocksPerSm * sms, blocks);
+    const int64_t useful = ceil_div(positions, int64_t(kPoolWarps) * kPoolUnroll);
+    splits = splits < useful ? splits : useful;
+    splits = splits < kMaxSplits ? splits : kMaxSplits;
+    splits = splits > 1 ? splits : 1;
+    r.split_positions = ceil_div(positions, splits);
+    r.splits = int(ceil_div(positions, r.split_positions));  // no empty split
+  }
+
+  r.tiles = int(ceil_div(rows, cap));
+  r.rows_per_tile = int(ceil_div(rows, r.tiles));  // balanced tiles, none of them empty
   // Enough chunks for kMinCtasPerSm resident CTAs per SM in total, but at least one warp step
   // per warp of a CTA, so that small heads are not split into chunks of idle warps.
-  const int64_t steps = (classes + kWarpClasses - 1) / kWarpClasses;
-  const int64_t want = (int64_t(kMinCtasPerSm) * sms + r.tiles - 1) / r.tiles;
-  int64_t steps_per_chunk = (steps + want - 1) / want;
+  const int64_t steps = ceil_div(classes, kWarpClasses);
+  const int64_t want = ceil_div(int64_t(kMinCtasPerSm) * sms, r.tiles);
+  int64_t steps_per_chunk = ceil_div(steps, want);
   steps_per_chunk = steps_per_chunk > kLogitWarps ? steps_per_chunk : kLogitWarps;
   r.chunk_rows = steps_per_chunk * kWarpClasses;
-  r.chunks = int(classes > 0 ? (classes + r.chunk_rows - 1) / r.chunk_rows : 1);
+  r.chunks = int(classes > 0 ? ceil_div(classes, r.chunk_rows) : 1);
   r.smem_bytes = size_t(r.rows_per_tile) * size_t(row_bytes);
-  r.pooled_bytes = round_up(size_t(batch) * size_t(row_bytes), 256);
-  r.workspace_bytes = r.pooled_bytes + size_t(batch) * r.chunks * sizeof(SoftmaxStats);
+  r.pooled_bytes = round_up(size_t(batch) * size_t(r.splits) * size_t(row_bytes), 256);
+  r.workspace_bytes = r.pooled_bytes + size_t(batch) * size_t(r.chunks) * sizeof(SoftmaxStats);
   *plan = r;
   return cudaSuccess;
 }
@@ -840,7 +899,12 @@ template <typename THidden, typename TWeight>
 cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const RampExitPlan& plan,
                              void* workspace, cudaStream_t stream) {
   using namespace ramp_detail;
-  const int64_t batch = plan.batch;
+  const RampShape shape = ramp_shape(a.pool, a.sizes);
+  if (shape.batch != plan.shape.batch || shape.features != plan.shape.features ||
+      shape.mean_positions != plan.shape.mean_positions || a.classes != plan.classes) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t batch = shape.batch;
   if (batch == 0) return cudaSuccess;
   float* pooled = static_cast<float*>(workspace);
   SoftmaxStats* partial =
@@ -848,27 +912,22 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
 
   PoolParams<THidden> pp{};
   pp.hidden = a.hidden;
+  pp.features = shape.features;
   pp.stride_b = a.strides[0];
-  pp.stride_outer = 0;
   if (a.pool == RampPool::kAvg) {
-    pp.features = a.sizes[1];
     pp.stride_f = a.strides[1];
-    pp.positions = a.sizes[2] * a.sizes[3];
+    pp.positions = shape.mean_positions;
     pp.stride_p = a.strides[3];
     pp.stride_outer = a.strides[2];
     const bool foldable = a.sizes[2] <= 1 || a.strides[2] == a.sizes[3] * a.strides[3];
     pp.inner = foldable ? pp.positions : a.sizes[3];
     pp.mode = PoolMode::kMean;
   } else if (a.pool == RampPool::kNone) {
-    pp.features = a.sizes[1];
     pp.stride_f = a.strides[1];
     pp.positions = 1;
-    pp.stride_p = 0;
     pp.inner = 1;
     pp.mode = PoolMode::kSelect;
-    pp.select = 0;
   } else {
-    pp.features = a.sizes[2];
     pp.stride_f = a.strides[2];
     pp.positions = a.sizes[1];
     pp.stride_p = a.strides[1];
@@ -882,6 +941,7 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
       pp.select = a.pool == RampPool::kLast ? pp.positions - 1 : 0;
     }
   }
+  pp.split_positions = plan.split_positions;
   const bool uses_mask = a.pool == RampPool::kMean || a.pool == RampPool::kLast;
   pp.mask = uses_mask ? a.mask : nullptr;
   pp.mask_stride_b = a.mask_strides[0];
@@ -889,14 +949,14 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
   pp.alive = a.alive;
   pp.alive_stride = a.alive_stride;
   pp.pooled = pooled;
-  if (pp.features != plan.features) return cudaErrorInvalidValue;
-  cudaError_t err = launch_pool(pp, batch, stream);
+  cudaError_t err = launch_pool(pp, batch, plan.splits, stream);
   if (err != cudaSuccess) return err;
 
   LogitsParams<TWeight> lp{};
   lp.pooled = pooled;
+  lp.splits = plan.splits;
   lp.batch = batch;
-  lp.features = plan.features;
+  lp.features = shape.features;
   lp.classes = plan.classes;
   lp.weight = a.weight;
   lp.weight_row_stride = a.weight_row_stride;
@@ -912,13 +972,15 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
   lp.chunks = plan.chunks;
   lp.chunk_rows = plan.chunk_rows;
   lp.logits = a.logits;
+  // k_lane is a multiple of 4, so 16-byte row starts make every lane's 4 classes one float4.
+  lp.logits_vec4 = reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && plan.classes % 4 == 0;
   lp.partial = partial;
   constexpr int kVec = int(16 / sizeof(TWeight));
-  const bool vector = plan.features % kVec == 0 &&
+  const bool vector = shape.features % kVec == 0 &&
                       reinterpret_cast<uintptr_t>(a.weight) % 16 == 0 &&
                       divides(kVec, plan.classes, a.weight_row_stride);
-  err = vector ? launch_logits_vec<TWeight, kVec>(lp, plan, stream)
-               : launch_logits_vec<TWeight, 1>(lp, plan, stream);
+  err = vector ? launch_logits<TWeight, kVec>(lp, plan, stream)
+               : launch_logits<TWeight, 1>(lp, plan, stream);
   if (err != cudaSuccess) return err;
 
   ConfidenceParams cp{};
@@ -934,7 +996,7 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
   cp.confidence = a.confidence;
   cp.prediction = a.prediction;
   cp.exit = a.exit;
-  const unsigned blocks = unsigned((batch + kConfidenceWarps - 1) / kConfidenceWarps);
+  const unsigned blocks = unsigned(ceil_div(batch, kConfidenceWarps));
   ramp_confidence_kernel<<<blocks, kConfidenceWarps * kWarp, 0, stream>>>(cp);
   return cudaGetLastError();
 }
