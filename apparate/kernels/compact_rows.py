@@ -12,8 +12,8 @@ race-free without any inter-program synchronisation:
   tile is loaded before a barrier and stored after it. The barrier also orders every earlier
   block's loads before this block's stores.
 
-Rows are reinterpreted as the widest integer words their alignment allows, so one compiled kernel
-serves every dtype of the same width and each thread moves 16-byte vectors.
+Rows are reinterpreted as the widest integer words (up to 8 bytes) their alignment allows, so one
+compiled kernel serves every dtype of that width, and aligned rows move as 16-byte vectors.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 @triton.jit
 def _compact_rows_kernel(
     x_ptr, keep_ptr, out_ptr, index_ptr, count_ptr,
-    B, N, stride_x, stride_out,
+    B, N, stride_keep, stride_x, stride_out,
     IN_PLACE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -49,7 +49,7 @@ def _compact_rows_kernel(
     kept = tl.full((), 0, tl.int32)
     for r0 in range(0, B, ROWS):
         rows = r0 + offs
-        keep = tl.load(keep_ptr + rows, mask=rows < B, other=0) != 0
+        keep = tl.load(keep_ptr + rows * stride_keep, mask=rows < B, other=0) != 0
         kept_here = keep.to(tl.int32)
         dest = kept + tl.cumsum(kept_here, 0) - 1
         move = keep
@@ -86,6 +86,7 @@ def _canonical(t: Tensor) -> Tensor:
     """``t: (B, N)`` with unit column stride and a row stride of N when B <= 1, which degenerate
     shapes may lack; the same memory, so dtype views below are always legal."""
     batch, width = t.shape
+    assert width <= 1 or t.stride(1) == 1, "compact_rows kernels need contiguous rows"
     row_stride = t.stride(0) if batch > 1 else width
     if t.stride() == (row_stride, 1):
         return t
@@ -127,7 +128,7 @@ def _launch(x: Tensor, keep: Tensor, out: Tensor, index: Tensor, count: Tensor, 
     grid = (max(triton.cdiv(width, cols), 1),)
     _compact_rows_kernel[grid](
         x_words, keep, out_words, index, count,
-        batch, width, x_words.stride(0), out_words.stride(0),
+        batch, width, keep.stride(0), x_words.stride(0), out_words.stride(0),
         IN_PLACE=in_place, ROWS=rows, COLS=cols,
         num_warps=8,
     )

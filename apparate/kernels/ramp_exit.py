@@ -37,13 +37,12 @@ _GEMV_MAX_B = 8
 _DOT_TILE = 4096
 
 
-
 @triton.jit
 def _pool_kernel(
     hidden_ptr, mask_ptr, alive_ptr, norm_weight_ptr, pooled_ptr,
     T1, T2, H,
-    stride_b, stride_t1, stride_t2, stride_h, stride_mask_b, stride_mask_t,
-    norm_eps,
+    stride_b, stride_t1, stride_t2, stride_h, stride_mask_b, stride_mask_t, stride_alive,
+    stride_norm_weight, norm_eps,
     MODE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # hidden is seen as (B, T1, T2, H): T1 x T2 positions are reduced for every feature h.
@@ -55,7 +54,7 @@ def _pool_kernel(
     live = True
     if alive_ptr is not None:
         # Dead rows pool to zeros; masking their loads also spares the bandwidth.
-        live = tl.load(alive_ptr + row) != 0
+        live = tl.load(alive_ptr + row * stride_alive) != 0
     source = hidden_ptr + row * stride_b
     if MODE != "mean":
         mask_row = mask_ptr + row * stride_mask_b
@@ -116,18 +115,19 @@ def _pool_kernel(
             centred = tl.where(h < H, tl.load(pooled + h, mask=h < H, other=0.0) - mean, 0.0)
             acc_sq += centred * centred
         rstd = tl.rsqrt(tl.sum(acc_sq, 0) / H + norm_eps)
+        # In place: each element is rewritten from its own value only.
         for h0 in range(0, H, BLOCK_H):
             h = h0 + h_offs
             h_ok = h < H
             x = tl.load(pooled + h, mask=h_ok, other=0.0)
-            w = tl.load(norm_weight_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+            w = tl.load(norm_weight_ptr + h * stride_norm_weight, mask=h_ok, other=0.0).to(tl.float32)
             tl.store(pooled + h, (x - mean) * rstd * w, mask=h_ok)
 
 
 @triton.jit
 def _finish(
     rows, row_ok, bad, top, second, total, weighted, prediction, log_k,
-    alive_ptr, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr,
+    alive_ptr, stride_alive, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr,
     METRIC: tl.constexpr,
 ):
     # top: max logit; second: largest logit off the argmax position; total = sum(exp(l - top));
@@ -144,7 +144,7 @@ def _finish(
     # The threshold is read on the device so a retuned value needs no recompile or host sync.
     exits = (~bad) & (confidence >= tl.load(threshold_ptr))
     if alive_ptr is not None:
-        live = tl.load(alive_ptr + rows, mask=row_ok, other=0) != 0
+        live = tl.load(alive_ptr + rows * stride_alive, mask=row_ok, other=0) != 0
         confidence = tl.where(live, confidence, 0.0)
         prediction = tl.where(live, prediction, 0)
         exits = exits & live
@@ -157,7 +157,7 @@ def _finish(
 def _logits_kernel(
     x_ptr, weight_ptr, bias_ptr, alive_ptr, logits_ptr,
     stats_ptr, argmax_ptr, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr,
-    B, K, H, stride_xb, stride_xh, stride_wk, stats_plane, log_k,
+    B, K, H, stride_xb, stride_xh, stride_wk, stride_bias, stride_alive, stats_plane, log_k,
     METRIC: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -170,7 +170,7 @@ def _logits_kernel(
     x_ok = row_ok
     if alive_ptr is not None:
         # Dead rows are pooled as zeros whatever hidden holds (x may be a view of hidden).
-        x_ok = x_ok & (tl.load(alive_ptr + rows, mask=row_ok, other=0) != 0)
+        x_ok = x_ok & (tl.load(alive_ptr + rows * stride_alive, mask=row_ok, other=0) != 0)
     h_offs = tl.arange(0, BLOCK_H)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xb + h_offs[None, :] * stride_xh
     w_ptrs = weight_ptr + cols.to(tl.int64)[:, None] * stride_wk + h_offs[None, :]
@@ -194,7 +194,7 @@ def _logits_kernel(
         acc = tl.sum(partial, 2)
 
     if bias_ptr is not None:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if logits_ptr is not None:
         tl.store(
             logits_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], acc,
@@ -216,7 +216,7 @@ def _logits_kernel(
     if SINGLE_CHUNK:
         _finish(
             rows, row_ok, bad, top, second, total, weighted, prediction.to(tl.int64), log_k,
-            alive_ptr, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr, METRIC,
+            alive_ptr, stride_alive, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr, METRIC,
         )
     else:
         # Planes of (B, chunks): max (NaN marks a non-finite chunk), second, total, weighted.
@@ -231,7 +231,7 @@ def _logits_kernel(
 @triton.jit
 def _combine_kernel(
     stats_ptr, argmax_ptr, alive_ptr, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr,
-    B, chunks, stats_plane, log_k,
+    B, chunks, stride_alive, stats_plane, log_k,
     METRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -283,7 +283,7 @@ def _combine_kernel(
     second = tl.where(ties > 1, top, tl.maximum(second, below))
     _finish(
         rows, row_ok, bad > 0, top, second, total, weighted, prediction, log_k,
-        alive_ptr, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr, METRIC,
+        alive_ptr, stride_alive, threshold_ptr, confidence_ptr, prediction_ptr, exit_ptr, METRIC,
     )
 
 
@@ -300,6 +300,11 @@ def _num_sms(device: torch.device) -> int:
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def _stride(vector: Tensor | None) -> int:
+    """Element stride of an optional 1-D argument (alive, bias, norm_weight may be views)."""
+    return vector.stride(0) if vector is not None else 0
 
 
 def _row_view(hidden: Tensor, pool: str) -> Tensor:
@@ -370,7 +375,7 @@ def _pool(
         source, mask, alive, norm_weight, pooled,
         t1, t2, features,
         s_b, s_t1, s_t2, s_h,
-        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        *(mask.stride() if mask is not None else (0, 0)), _stride(alive), _stride(norm_weight),
         float(norm_eps),
         MODE=mode, NORM=norm, BLOCK_T=block_t, BLOCK_H=block_h,
         num_warps=4,
@@ -441,7 +446,8 @@ def ramp_exit_triton(
         _logits_kernel[grid](
             rows, weight, bias, alive, logits_out,
             None, None, threshold, confidence, prediction, exit_mask,
-            batch, classes, features, rows.stride(0), rows.stride(1), weight.stride(0), 0, log_k,
+            batch, classes, features, rows.stride(0), rows.stride(1), weight.stride(0),
+            _stride(bias), _stride(alive), 0, log_k,
             SINGLE_CHUNK=True, **common,
         )
         return confidence, prediction, exit_mask
@@ -452,13 +458,13 @@ def ramp_exit_triton(
         rows, weight, bias, alive, logits_out,
         stats, argmax, None, None, None, None,
         batch, classes, features, rows.stride(0), rows.stride(1), weight.stride(0),
-        batch * chunks, log_k,
+        _stride(bias), _stride(alive), batch * chunks, log_k,
         SINGLE_CHUNK=False, **common,
     )
     block_r = min(16, _pow2(batch))
     _combine_kernel[(triton.cdiv(batch, block_r),)](
         stats, argmax, alive, threshold, confidence, prediction, exit_mask,
-        batch, chunks, batch * chunks, log_k,
+        batch, chunks, _stride(alive), batch * chunks, log_k,
         METRIC=metric, BLOCK_R=block_r, BLOCK_C=min(_pow2(chunks), 64),
         num_warps=4,
     )
