@@ -56,18 +56,22 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
-def time_cpu(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
+def time_cpu(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Round-robin over the providers, so that drift in the machine's speed (frequency, other
+    tenants) hits them all alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e6)
     return samples
 
 
-def time_gpu(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
+def time_gpu_one(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -81,11 +85,15 @@ def time_gpu(fn: Callable[[], object], reps: int, warmup: int) -> list[float]:
     return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
 
 
+def time_gpu(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
+    return {name: time_gpu_one(fn, reps, warmup) for name, fn in fns.items()}
+
+
 def copy_bandwidth_gbps(device: str) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), measured here."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    median, _, _ = _quantiles(time_gpu(lambda: dst.copy_(src), 50, 10))
+    median, _, _ = _quantiles(time_gpu_one(lambda: dst.copy_(src), 50, 10))
     return 2 * src.numel() / (median * 1e-6) / 1e9
 
 
@@ -156,15 +164,23 @@ def ramp_providers(case: RampCase, threshold: torch.Tensor, device: str, smoke: 
 # compact_rows
 
 
-def eager_compact(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor):
+def eager_compact(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The compaction a user writes: indices of the kept rows, then index_select into place."""
     index = keep.nonzero().squeeze(1)
-    count = index.numel()
-    out[:count] = x.index_select(0, index)
-    return out, index, count
+    out[: index.numel()] = x.index_select(0, index)
+    return out
 
 
-def compact_providers(x, keep, device: str, smoke: bool):
+def _returning(out: torch.Tensor, fn: Callable[[], object]) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        fn()
+        return out
+
+    return call
+
+
+def compact_providers(x, keep, device: str, smoke: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each provider compacts ``x`` by ``keep`` and returns the buffer it wrote."""
     out = torch.empty_like(x)
     work = x.clone()
     index = torch.empty(x.shape[0], dtype=torch.int64, device=device)
@@ -174,26 +190,29 @@ def compact_providers(x, keep, device: str, smoke: bool):
         "eager out": lambda: eager_compact(x, keep, out),
         "eager inplace": lambda: eager_compact(work, keep, work),
         "apparate out": lambda: apparate.compact_rows(x, keep, out, index_out=index,
-                                                      count_out=count),
+                                                      count_out=count)[0],
         # Compacting the same buffer again and again is still a full compaction each time
         # (the first rows of a half-kept batch are scattered); timing it in place is honest.
         "apparate inplace": lambda: apparate.compact_rows(work, keep, work, index_out=index,
-                                                          count_out=count),
+                                                          count_out=count)[0],
     }
+    out_rows, work_rows = out.view_as(rows), work.view_as(rows)
     if not smoke:
         compiled = torch.compile(compact_rows_ref)
-        providers["compiled out"] = lambda: compiled(rows, keep, out.view_as(rows), index, count)
+        providers["compiled out"] = _returning(
+            out, lambda: compiled(rows, keep, out_rows, index, count))
     if device == "cuda":
         kernels = importlib.import_module("apparate.kernels.compact_rows")
-        providers["triton out"] = lambda: kernels.compact_rows_triton(
-            rows, keep, out.view_as(rows), index, count)
-        providers["triton inplace"] = lambda: kernels.compact_rows_inplace_triton(
-            work.view_as(rows), keep, index, count)
+        providers["triton out"] = _returning(
+            out, lambda: kernels.compact_rows_triton(rows, keep, out_rows, index, count))
+        providers["triton inplace"] = _returning(
+            work, lambda: kernels.compact_rows_inplace_triton(work_rows, keep, index, count))
         if _dispatch._compiled("compact_rows", "cuda")[0] is not None:
-            providers["cuda out"] = lambda: torch.ops.apparate_C.compact_rows.default(
-                rows, keep, out.view_as(rows), index, count)
-            providers["cuda inplace"] = lambda: torch.ops.apparate_C.compact_rows_.default(
-                work.view_as(rows), keep, index, count)
+            providers["cuda out"] = _returning(out, lambda: torch.ops.apparate_C.compact_rows.default(
+                rows, keep, out_rows, index, count))
+            providers["cuda inplace"] = _returning(
+                work, lambda: torch.ops.apparate_C.compact_rows_.default(work_rows, keep, index,
+                                                                          count))
     return providers
 
 
@@ -229,12 +248,13 @@ def run(device: str, smoke: bool, reps: int | None) -> list[Row]:
         expected = ramp_exit_ref(case.hidden, case.weight, case.bias, threshold, case.pool,
                                  "maxprob", None, None, case.norm, case.norm_weight, 1e-6, None)
         n = reps or (5 if smoke else (2000 if case.pool == "cls" else 100))
-        eager_median = None
-        for provider, fn in ramp_providers(case, threshold, device, smoke).items():
+        providers = ramp_providers(case, threshold, device, smoke)
+        for provider, fn in providers.items():
             check_ramp(provider, fn(), expected)
-            samples = timer(fn, n, max(3, n // 10))
-            eager_median = eager_median or _quantiles(samples)[0]
-            record(case.name, provider, samples, case.bytes_moved(), eager_median)
+        samples = timer(providers, n, max(3, n // 10))
+        eager_median = _quantiles(samples["eager"])[0]
+        for provider in providers:
+            record(case.name, provider, samples[provider], case.bytes_moved(), eager_median)
 
     shape = (64, 32, 256) if smoke and device == "cpu" else (256, 128, 1024)
     x = torch.randn(shape, device=device).to(torch.float16)
@@ -242,15 +262,16 @@ def run(device: str, smoke: bool, reps: int | None) -> list[Row]:
     kept_bytes = int(keep.sum()) * x[0].numel() * x.element_size()
     print(f"compact_rows {shape} float16, {int(keep.sum())} of {shape[0]} rows kept")
     want = x[keep]
-    eager_median = None
-    for provider, fn in compact_providers(x, keep, device, smoke).items():
-        result = fn()
-        if not torch.equal(result[0][: want.shape[0]], want) and "inplace" not in provider:
+    providers = compact_providers(x, keep, device, smoke)
+    for provider, fn in providers.items():
+        out = fn()
+        if "inplace" not in provider and not torch.equal(out[: want.shape[0]], want):
             raise SystemExit(f"{provider}: compaction differs from the reference; not timing it")
-        n = reps or (5 if smoke else 200)
-        samples = timer(fn, n, max(3, n // 10))
-        eager_median = eager_median or _quantiles(samples)[0]
-        record(f"compact {shape} fp16", provider, samples, 2 * kept_bytes, eager_median)
+    n = reps or (5 if smoke else 200)
+    samples = timer(providers, n, max(3, n // 10))
+    eager_median = _quantiles(samples["eager out"])[0]
+    for provider in providers:
+        record(f"compact {shape} fp16", provider, samples[provider], 2 * kept_bytes, eager_median)
     return rows
 
 
