@@ -4,8 +4,9 @@ Importing this package never initialises CUDA, compiles anything or imports trit
 extensions load and backends are chosen on an op's first call.
 """
 
+from apparate.models import EEModel, load, prepare
 from apparate.ops import RampExit, compact_rows, ramp_exit
 
 __version__ = "0.1.0"
 
-__all__ = ["RampExit", "__version__", "compact_rows", "ramp_exit"]
+__all__ = ["EEModel", "RampExit", "__version__", "compact_rows", "load", "prepare", "ramp_exit"]

@@ -1,0 +1,6 @@
+"""Ramp sites and ramps: torch.fx cut vertices, adapters (HF BERT family), training."""
+
+from apparate.models.ee_model import EEModel, load, prepare
+from apparate.models.segments import SegmentedBackbone, Site
+
+__all__ = ["EEModel", "SegmentedBackbone", "Site", "load", "prepare"]

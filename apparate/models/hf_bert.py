@@ -1,0 +1,76 @@
+"""Adapter for Hugging Face BERT-family classifiers, which do not trace with torch.fx.
+
+Sites are the outputs of the encoder layers. The state between layers is (hidden (B, T, H),
+attention_mask (B, T)); each segment rebuilds the 4-D attention mask the way the model does, so
+that a compacted batch (fewer rows, same layout) runs exactly like the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from apparate.models.segments import SegmentedBackbone
+
+
+def base_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The BERT-style base model (embeddings + encoder.layer) inside ``model``, or None."""
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer"):
+        return base
+    return None
+
+
+def bert_backbone(model: torch.nn.Module, sites: Sequence[str] | None) -> SegmentedBackbone:
+    base = base_encoder(model)
+    if base is None or not hasattr(model, "classifier"):
+        raise ValueError(
+            f"{type(model).__name__} is not a BERT-family sequence classifier (embeddings, "
+            "encoder.layer, classifier)"
+        )
+    prefix = model.base_model_prefix + "." if base is not model else ""
+    layers = list(base.encoder.layer)
+    names = [f"{prefix}encoder.layer.{i}" for i in range(len(layers))]
+    if sites is None:
+        chosen = list(range(len(layers) - 1))  # after the last layer a ramp saves nothing
+    else:
+        unknown = [s for s in sites if s not in names]
+        if unknown:
+            raise ValueError(f"sites {unknown} are not encoder layers of {type(model).__name__}; "
+                             f"candidates: {names}")
+        chosen = sorted(names.index(s) for s in sites)
+
+    def enter(input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return hidden, attention_mask
+
+    def run_layers(first: int, last: int):
+        def segment(state):
+            hidden, attention_mask = state
+            mask4, _ = base._create_attention_masks(attention_mask, None, hidden, None, None)
+            for layer in layers[first:last]:
+                hidden = layer(hidden, mask4)
+            return hidden, attention_mask
+
+        return segment
+
+    bounds = [0] + [i + 1 for i in chosen] + [len(layers)]
+    tail = run_layers(bounds[-2], bounds[-1])
+
+    def finish(state):
+        hidden, _ = tail(state)
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None and hasattr(model, "dropout"):
+            return model.classifier(model.dropout(pooler(hidden)))
+        return model.classifier(hidden)
+
+    return SegmentedBackbone(
+        site_names=[names[i] for i in chosen],
+        enter=enter,
+        segments=[run_layers(a, b) for a, b in zip(bounds[:-2], bounds[1:-1])],
+        finish=finish,
+        mask_of=lambda state: state[1],
+    )

@@ -1,0 +1,192 @@
+"""prepare(): ramp sites on a traced CNN and on a Hugging Face encoder, ramp training, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import apparate
+
+
+class Block(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.norm(self.conv(x)))
+
+
+class SmallResNet(torch.nn.Module):
+    def __init__(self, blocks: int = 5, channels: int = 8, classes: int = 4):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, channels, 3, padding=1)
+        self.blocks = torch.nn.Sequential(*(Block(channels) for _ in range(blocks)))
+        self.head = torch.nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a value: does not trace
+            return self.linear(x)
+        return -self.linear(x)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for block in model.blocks:
+            block.norm.running_mean.uniform_(-0.5, 0.5)
+            block.norm.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _bert(layers: int = 4):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_traced_cnn_sites_are_its_blocks():
+    model = _cnn()
+    ee = apparate.prepare(model, torch.randn(2, 1, 10, 10))
+    assert [s.name for s in ee.sites] == [f"blocks.{i}" for i in range(5)]
+    assert [s.depth for s in ee.sites] == list(range(5))
+    assert all(s.shape == (8, 10, 10) and s.pool == "avg" for s in ee.sites)
+    shares = [s.latency_share for s in ee.sites]
+    assert all(0 < a < b < 1 for a, b in zip(shares, shares[1:]))
+
+
+def test_outputs_are_bit_identical_without_exits():
+    model = _cnn()
+    x = torch.randn(16, 1, 10, 10)
+    ee = apparate.prepare(model, x[:2])
+    with torch.no_grad():
+        assert torch.equal(ee(x), model(x))
+
+
+def test_explicit_sites_and_bad_site():
+    model = _cnn()
+    x = torch.randn(2, 1, 10, 10)
+    ee = apparate.prepare(model, x, sites=["blocks.3", "blocks.1"])
+    assert [s.name for s in ee.sites] == ["blocks.1", "blocks.3"]
+    with torch.no_grad():
+        assert torch.equal(ee(x), model(x))
+    with pytest.raises(ValueError, match=r"blocks.1.conv.*not cut points.*candidates"):
+        apparate.prepare(model, x, sites=["blocks.1.conv"])
+
+
+def test_untraceable_model_says_what_to_do():
+    with pytest.raises(ValueError, match="does not trace with torch.fx.*BERT-family.*sites="):
+        apparate.prepare(DataDependent(), torch.randn(2, 4))
+
+
+def test_hf_encoder_sites_and_identical_logits():
+    model = _bert()
+    ids = torch.randint(1, 120, (6, 9))
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[2, 5:] = 0
+    ee = apparate.prepare(model, (ids, mask))
+    assert [s.name for s in ee.sites] == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert all(s.shape == (9, 32) and s.pool == "cls" for s in ee.sites)
+    with torch.no_grad():
+        assert torch.equal(ee(ids, mask), model(ids, mask).logits)
+    ee = apparate.prepare(model, (ids, mask), sites=["bert.encoder.layer.2"])
+    assert [s.name for s in ee.sites] == ["bert.encoder.layer.2"]
+
+
+def _separable(n: int = 300, with_labels: bool = False):
+    """Inputs whose class is visible early: which quadrant is bright."""
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 1, 10, 10, generator=generator) * 0.3
+    label = torch.randint(0, 4, (n,), generator=generator)
+    for c in range(4):
+        rows = label == c
+        x[rows, :, (c // 2) * 5:(c // 2) * 5 + 5, (c % 2) * 5:(c % 2) * 5 + 5] += 2.0
+    return (x, label) if with_labels else x
+
+
+def _trained_cnn():
+    """A CNN whose own answers vary with the input (a random one answers one class)."""
+    model = _cnn().train()
+    x, label = _separable(400, with_labels=True)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        rows = slice((step * 40) % 400, (step * 40) % 400 + 40)
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), label[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def test_train_ramps_learns_the_models_answers_deterministically():
+    model = _trained_cnn()
+    x = _separable()
+    ee = apparate.prepare(model, x[:2])
+    first = ee.train_ramps(x, epochs=15, batch_size=32, seed=3, progress=False)
+    weights = [r.weight.clone() for r in ee.ramps]
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    chance = float(torch.bincount(targets).max()) / len(targets)
+    assert max(first) > chance + 0.1, (first, chance)
+    second = ee.train_ramps(x, epochs=15, batch_size=32, seed=3, progress=False)
+    assert first == second
+    assert all(torch.equal(a, r.weight) for a, r in zip(weights, ee.ramps))
+    assert not any(p.requires_grad for p in ee.ramps.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_ramps_on_hf_encoder():
+    model = _bert()
+    ids = torch.randint(1, 120, (64, 7))
+    ee = apparate.prepare(model, (ids[:2], torch.ones(2, 7, dtype=torch.long)))
+    agreement = ee.train_ramps((ids, torch.ones_like(ids)), epochs=3, progress=False)
+    assert len(agreement) == 3 and all(0 <= a <= 1 for a in agreement)
+
+
+def test_save_load_round_trip_and_refusal(tmp_path):
+    model = _cnn()
+    x = _separable(64)
+    ee = apparate.prepare(model, x[:2])
+    ee.train_ramps(x, epochs=2, progress=False)
+    path = str(tmp_path / "ramps.safetensors")
+    ee.save(path)
+    loaded = apparate.load(path, model)
+    assert loaded.sites == ee.sites
+    for a, b in zip(ee.ramps, loaded.ramps):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    other = SmallResNet()
+    with pytest.raises(ValueError, match="another backbone.*fingerprint"):
+        apparate.load(path, other)
+
+
+@pytest.mark.parametrize(
+    "call,error,words",
+    [
+        (lambda: apparate.prepare("resnet", torch.randn(1)), TypeError, ["torch.nn.Module", "str"]),
+        (lambda: apparate.prepare(_cnn(), torch.randn(2, 1, 10, 10), task="generation"),
+         ValueError, ["task", "'generation'"]),
+        (lambda: apparate.prepare(_cnn(), [1, 2]), TypeError, ["inputs", "tuple of tensors"]),
+        (lambda: apparate.prepare(_cnn(), torch.randn(2, 1, 10, 10)).train_ramps(
+            torch.randn(4, 1, 10, 10), epochs=0), ValueError, ["epochs", "batch_size"]),
+    ],
+)
+def test_bad_input(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
