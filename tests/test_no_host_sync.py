@@ -111,3 +111,12 @@ def test_two_ramp_forward(device, backend, monkeypatch):
     answered[origin[final >= 0].cpu()] += 1
     assert (answered == 1).all()
     assert 0 < int(exits[0][1].sum()) < 32, "the first ramp should let some, not all, rows exit"
+
+
+def test_integer_indexing_is_not_a_sync():
+    x = torch.randn(6, 4)
+    with forbid_host_sync():
+        x[torch.tensor([0, 2]), torch.tensor([1, 3])]
+        x[torch.tensor([5, 1])] = 0.0
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        x[torch.tensor([True, False, True, False, True, False])] = 1.0

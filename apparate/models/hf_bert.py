@@ -1,8 +1,8 @@
 """Adapter for Hugging Face BERT-family classifiers, which do not trace with torch.fx.
 
 Sites are the outputs of the encoder layers. The state between layers is (hidden (B, T, H),
-attention_mask (B, T)); each segment rebuilds the 4-D attention mask the way the model does, so
-that a compacted batch (fewer rows, same layout) runs exactly like the original.
+attention_mask (B, T)); each segment rebuilds the 4-D attention mask with the model's own mask
+function, so that a compacted batch (fewer rows, same layout) runs exactly like the original.
 """
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ from collections.abc import Sequence
 import torch
 
 from apparate.models.segments import SegmentedBackbone
+
+
+def create_bidirectional_mask(**kwargs):
+    from transformers.masking_utils import create_bidirectional_mask as create
+
+    return create(**kwargs)
 
 
 def base_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -50,7 +56,11 @@ def bert_backbone(model: torch.nn.Module, sites: Sequence[str] | None) -> Segmen
     def run_layers(first: int, last: int):
         def segment(state):
             hidden, attention_mask = state
-            mask4, _ = base._create_attention_masks(attention_mask, None, hidden, None, None)
+            # Always materialised: the model's own shortcut for "no padding" reads the mask
+            # back to the host (a sync); the materialised all-true mask computes the same.
+            mask4 = create_bidirectional_mask(config=base.config, inputs_embeds=hidden,
+                                              attention_mask=attention_mask,
+                                              allow_is_bidirectional_skip=False)
             for layer in layers[first:last]:
                 hidden = layer(hidden, mask4)
             return hidden, attention_mask

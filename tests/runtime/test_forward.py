@@ -1,0 +1,116 @@
+"""The early-exit forward: answers, feedback, releases, and no host sync in either mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import apparate
+from apparate.runtime.forward import EarlyExitForward
+from apparate.testing import forbid_host_sync
+from tests.models.test_prepare import _bert, _separable, _trained_cnn
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = _trained_cnn()
+    ee = apparate.prepare(model, _separable(8))
+    ee.train_ramps(_separable(300), epochs=10, progress=False)
+    x = _separable(64)
+    with torch.no_grad():
+        vanilla = model(x).argmax(1).numpy()
+    return ee, x, vanilla
+
+
+@pytest.fixture(scope="module")
+def bert():
+    model = _bert()
+    ids = torch.randint(1, 120, (40, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::3, 4:] = 0
+    ee = apparate.prepare(model, (ids[:2], mask[:2]))
+    ee.train_ramps((ids, mask), epochs=3, progress=False)
+    with torch.no_grad():
+        vanilla = model(ids, mask).logits.argmax(1).numpy()
+    return ee, (ids, mask), vanilla
+
+
+def _check_outcome(out, vanilla, mode):
+    exited = out.exit_site >= 0
+    # An exited row's answer is its exit ramp's prediction; every other answer is the model's.
+    assert (out.prediction[exited] == out.site_prediction[exited, out.exit_site[exited]]).all()
+    assert (out.prediction[~exited] == vanilla[~exited]).all()
+    reached = out.final_prediction >= 0
+    assert (out.final_prediction[reached] == vanilla[reached]).all()
+    if mode == "release":
+        assert reached.all(), "release mode: every row runs to the final head"
+    assert np.isfinite(out.release_time).all()
+
+
+@pytest.mark.parametrize("mode", ["release", "compact"])
+def test_no_exit_means_the_unmodified_answers(cnn, mode):
+    ee, x, vanilla = cnn
+    forward = EarlyExitForward(ee, mode=mode)
+    forward.set_active([0, 2, 4])
+    out = forward(x)
+    assert (out.exit_site == -1).all() and (out.prediction == vanilla).all()
+    assert np.isnan(out.site_confidence[:, [1, 3]]).all()  # inactive ramps are not evaluated
+    assert np.isfinite(out.site_confidence[:, [0, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("mode", ["release", "compact"])
+@pytest.mark.parametrize("model", ["cnn", "bert"])
+def test_two_ramp_forward_without_host_sync(request, mode, model):
+    ee, inputs, vanilla = request.getfixturevalue(model)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    forward = EarlyExitForward(ee, mode=mode, feedback_fraction=0.25)
+    forward.set_active([0, 2])
+    # Thresholds at the median confidence: about half the rows exit at the first ramp.
+    probe = forward(*inputs).site_confidence
+    forward.thresholds[0] = float(np.median(probe[:, 0]))
+    forward.thresholds[2] = float(np.median(probe[:, 2]))
+    released = []
+    with forbid_host_sync() as checker:
+        pending = forward.launch(*inputs, on_release=lambda rows, *_: released.append(rows))
+    assert sum("ramp_exit" in op for op in checker.seen) == 2
+    if mode == "compact":
+        assert any("compact_rows" in op for op in checker.seen)
+    out = pending.wait()
+    _check_outcome(out, vanilla, mode)
+    exits = np.bincount(out.exit_site + 1, minlength=4)
+    assert 0 < exits[1:].sum() < len(vanilla), f"some, not all, rows should exit: {exits}"
+    assert sorted(np.concatenate(released).tolist()) == list(range(len(vanilla))), \
+        "every sample is released exactly once"
+
+
+def test_compact_mode_keeps_feedback_rows(cnn):
+    ee, x, vanilla = cnn
+    forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.5, seed=1)
+    forward.set_active([0])
+    forward.thresholds.fill_(0.0)  # every row exits at the first ramp
+    out = forward(x)
+    assert (out.exit_site == 0).all()
+    reached = out.final_prediction >= 0
+    assert 0.25 < reached.mean() < 0.75, "about half the rows keep running as feedback"
+    assert (out.final_prediction[reached] == vanilla[reached]).all()
+
+
+def test_threshold_changes_take_effect_between_batches(cnn):
+    ee, x, _ = cnn
+    forward = EarlyExitForward(ee)
+    forward.set_active([1])
+    forward.thresholds[1] = 0.0
+    assert (forward(x).exit_site == 1).all()
+    forward.thresholds[1] = 2.0
+    assert (forward(x).exit_site == -1).all()
+
+
+def test_bad_configuration(cnn):
+    ee, _, _ = cnn
+    with pytest.raises(ValueError, match="mode"):
+        EarlyExitForward(ee, mode="skip")
+    with pytest.raises(ValueError, match="feedback_fraction"):
+        EarlyExitForward(ee, feedback_fraction=1.5)
+    with pytest.raises(ValueError, match="active sites"):
+        EarlyExitForward(ee).set_active([7])
