@@ -6,7 +6,11 @@ extensions load and backends are chosen on an op's first call.
 
 from apparate.models import EEModel, load, prepare
 from apparate.ops import RampExit, compact_rows, ramp_exit
+from apparate.runtime.runtime import Result, Runtime
 
 __version__ = "0.1.0"
 
-__all__ = ["EEModel", "RampExit", "__version__", "compact_rows", "load", "prepare", "ramp_exit"]
+__all__ = [
+    "EEModel", "RampExit", "Result", "Runtime", "__version__", "compact_rows", "load", "prepare",
+    "ramp_exit",
+]

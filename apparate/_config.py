@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -26,3 +27,11 @@ def read_config() -> RuntimeConfig:
             f"APPARATE_BACKEND={backend!r} is not a backend; expected one of {', '.join(BACKENDS)}"
         )
     return RuntimeConfig(backend=backend)
+
+
+def cache_root() -> pathlib.Path:
+    """Where fetched models and data live: ``$APPARATE_CACHE`` if set, else ``~/.cache/apparate``."""
+    configured = os.environ.get("APPARATE_CACHE", "").strip()
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    return pathlib.Path.home() / ".cache" / "apparate"

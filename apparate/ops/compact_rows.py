@@ -11,6 +11,8 @@ the count are left as they were.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,7 +69,7 @@ def _rows_view(name: str, value: Tensor) -> Tensor:
     """``value`` as (B, N) with each row contiguous (any row stride), without copying."""
     batch = value.shape[0]
     try:
-        rows = value.view(batch, -1)
+        rows = value.view(batch, math.prod(value.shape[1:]))
     except RuntimeError:
         rows = None
     if rows is None or (rows.shape[1] > 1 and rows.stride(1) != 1):

@@ -26,9 +26,9 @@ from torch import Tensor
 import apparate
 from apparate.models.ee_model import EEModel
 from apparate.runtime.channel import DeviceToHost
+from apparate.runtime.policy import SAFE_THRESHOLD
 
 MODES = ("release", "compact")
-SAFE_THRESHOLD = 2.0  # above every confidence: nothing exits
 
 ReleaseCallback = Callable[[np.ndarray, np.ndarray, int, float], None]
 """on_release(rows, predictions, site, time): rows (original batch positions) whose answers are
@@ -43,7 +43,9 @@ class BatchOutcome:
     confidence (B,): ramp confidence at the exit (NaN for the final head); release_time (B,);
     site_confidence (B, S) and site_prediction (B, S): every active ramp's output (NaN / -1 where
     not evaluated); final_prediction (B,): the unmodified model's answer (-1 where the row left
-    the batch without reaching the final head).
+    the batch without reaching the final head); feedback (B,): rows that form an unbiased sample
+    for the monitor (every row in release mode; the rows marked to keep running in compact mode,
+    whether or not they exited).
     """
 
     prediction: np.ndarray
@@ -53,6 +55,7 @@ class BatchOutcome:
     site_confidence: np.ndarray
     site_prediction: np.ndarray
     final_prediction: np.ndarray
+    feedback: np.ndarray
 
 
 class PendingBatch:
@@ -103,6 +106,7 @@ class PendingBatch:
             site_confidence=host["site_confidence"].T.copy(),
             site_prediction=host["site_prediction"].T.copy(),
             final_prediction=host["final_prediction"],
+            feedback=host["feedback"] & (host["final_prediction"] >= 0),
         )
 
 
@@ -196,10 +200,13 @@ class EarlyExitForward:
                     state = tuple(t[:n] for t in state)
                     rows, origin, alive = rows[:n], origin[:n], alive[:n]
                     count_slot = None
-        logits = backbone.finish(state)
-        slot = torch.where(origin >= 0, origin, batch)
+                    if n == 0:  # every row has left: nothing more to run
+                        break
         final = torch.full((width,), -1, dtype=torch.int64, device=dev)
-        final.scatter_(0, slot, torch.where(alive, logits.argmax(1), -1))
+        if rows.shape[0]:
+            logits = backbone.finish(state)
+            slot = torch.where(origin >= 0, origin, batch)
+            final.scatter_(0, slot, torch.where(alive, logits.argmax(1), -1))
         exited = exit_site >= 0
         pending.outcome = {
             "prediction": torch.where(exited, exit_prediction, final),
@@ -208,6 +215,7 @@ class EarlyExitForward:
             "site_confidence": site_confidence,
             "site_prediction": site_prediction,
             "final_prediction": final,
+            "feedback": feedback if self.mode == "compact" else torch.ones_like(feedback),
         }
         return pending
 

@@ -1,0 +1,1 @@
+"""apparate.runtime: the early-exit runtime."""

@@ -1,0 +1,101 @@
+"""Per-segment and per-ramp latency of an ``EEModel`` at batch sizes 1 to 32 on this device,
+measured once per model and cached (keyed by backbone fingerprint, sites, device, input shape
+and thread count)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import apparate
+from apparate.models.ee_model import EEModel
+from apparate.runtime.latency import LatencyProfile
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+class Profile:
+    """Measured latencies: segment_ms (len(BATCH_SIZES), S+1), ramp_ms (len(BATCH_SIZES), S)."""
+
+    def __init__(self, batch_sizes, segment_ms, ramp_ms):
+        self.batch_sizes = np.asarray(batch_sizes, dtype=float)
+        self.segment_ms = np.asarray(segment_ms, dtype=float)
+        self.ramp_ms = np.asarray(ramp_ms, dtype=float)
+
+    def at(self, batch_size: float) -> LatencyProfile:
+        """The latency profile at ``batch_size``, interpolated between measured sizes."""
+        b = float(np.clip(batch_size, self.batch_sizes[0], self.batch_sizes[-1]))
+        segment = [float(np.interp(b, self.batch_sizes, col)) for col in self.segment_ms.T]
+        ramp = [float(np.interp(b, self.batch_sizes, col)) for col in self.ramp_ms.T]
+        return LatencyProfile(tuple(segment), tuple(ramp))
+
+    def to_json(self) -> dict:
+        return {"batch_sizes": self.batch_sizes.tolist(), "segment_ms": self.segment_ms.tolist(),
+                "ramp_ms": self.ramp_ms.tolist()}
+
+
+def _tile(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    reps = -(-batch // inputs[0].shape[0])
+    return tuple(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch] for t in inputs)
+
+
+@torch.no_grad()
+def measure(ee: EEModel, example_inputs, device, repeats: int = 5) -> Profile:
+    backbone = ee.backbone
+    inputs = tuple(t.to(device) for t in example_inputs)
+    threshold = torch.tensor(2.0, device=device)
+    weights = [(r.weight.to(device), r.bias.to(device)) for r in ee.ramps]
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    segment_rows, ramp_rows = [], []
+    for batch in BATCH_SIZES:
+        tiled = _tile(inputs, batch)
+        seg_times = [[] for _ in range(len(backbone.segments) + 1)]
+        ramp_times = [[] for _ in ee.sites]
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            sync()
+            start = time.perf_counter()
+            state = backbone.enter(*tiled)
+            for i, segment in enumerate(backbone.segments):
+                state = segment(state)
+                sync()
+                now = time.perf_counter()
+                seg_times[i].append(now - start)
+                site = ee.sites[i]
+                mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
+                apparate.ramp_exit(state[0], *weights[i], threshold, pool=site.pool, mask=mask)
+                sync()
+                start = time.perf_counter()
+                ramp_times[i].append(start - now)
+            backbone.finish(state)
+            sync()
+            seg_times[-1].append(time.perf_counter() - start)
+        segment_rows.append([statistics.median(t[1:]) * 1e3 for t in seg_times])
+        ramp_rows.append([statistics.median(t[1:]) * 1e3 for t in ramp_times])
+    return Profile(BATCH_SIZES, segment_rows, ramp_rows)
+
+
+def _key(ee: EEModel, example_inputs, device) -> str:
+    parts = [ee.fingerprint, json.dumps([s.name for s in ee.sites]), str(device),
+             json.dumps([list(t.shape[1:]) for t in example_inputs]), str(torch.get_num_threads())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def load_or_measure(ee: EEModel, example_inputs, device, cache: Path | None) -> Profile:
+    """The cached profile of this model on this device, measured now if there is none."""
+    path = cache / f"profile-{_key(ee, example_inputs, device)}.json" if cache else None
+    if path is not None and path.exists():
+        data = json.loads(path.read_text())
+        return Profile(data["batch_sizes"], data["segment_ms"], data["ramp_ms"])
+    profile = measure(ee, example_inputs, device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.to_json()))
+        tmp.replace(path)
+    return profile

@@ -1,0 +1,230 @@
+"""``apparate.Runtime``: serve an ``EEModel`` with early exits, adapting thresholds and active
+ramps from live feedback so that at most ``accuracy_constraint`` of answers differ from the
+unmodified model's.
+
+    rt = apparate.Runtime(ee, accuracy_constraint=0.01, ramp_budget=0.02, mode="release")
+    results = rt.infer(batch, on_release=lambda i, result: reply(i, result))
+
+The controller (threshold tuner + ramp adjuster) runs in a side thread on snapshots of the
+feedback window. It never touches the device tensors itself: it stages a new configuration that
+the serving thread applies between batches, so a batch always runs with one consistent set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from apparate.models.ee_model import EEModel
+from apparate.runtime import profiler
+from apparate.runtime.adjuster import RampAdjuster
+from apparate.runtime.feedback import FeedbackWindow
+from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward
+from apparate.runtime.policy import SAFE_THRESHOLD
+from apparate.runtime.tuner import ThresholdTuner, zero_offending
+
+log = logging.getLogger("apparate")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One sample's answer: prediction; exit_site: the exiting site's name, None for the final
+    head; confidence: the ramp's (NaN for the final head); released_at: perf_counter time."""
+
+    prediction: int
+    exit_site: str | None
+    confidence: float
+    released_at: float
+
+
+@dataclass
+class ConfigChange:
+    """A configuration the controller staged: active sites and their thresholds."""
+
+    active: tuple[int, ...]
+    thresholds: np.ndarray
+    reason: str
+    at: float = field(default_factory=time.perf_counter)
+
+
+class Runtime:
+    """Early-exit serving of ``ee`` with online adaptation (see the module doc).
+
+    ramp_budget: the largest extra latency a non-exiting sample may pay for ramps, as a fraction
+    of the unmodified model's; window: feedback rows the tuner sees; adjust_every: feedback rows
+    between ramp-set decisions; batch_size: the batch size the latency profile is taken at.
+    """
+
+    def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,
+                 ramp_budget: float = 0.02, mode: str = "release", feedback_fraction: float = 0.1,
+                 device: str | torch.device | None = None, window: int = 512,
+                 adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
+                 profile_cache=None, background: bool = True, seed: int = 0):
+        if not 0 < accuracy_constraint < 1:
+            raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if example_inputs is None:
+            raise ValueError("example_inputs (a small batch) are needed to profile the model")
+        self.ee = ee
+        self.device = torch.device(device or "cpu")
+        self.forward = EarlyExitForward(ee, mode=mode, feedback_fraction=feedback_fraction,
+                                        device=self.device, seed=seed)
+        self.profile = profiler.load_or_measure(ee, example_inputs, self.device, profile_cache)
+        self.latency = self.profile.at(batch_size)
+        self.tuner = ThresholdTuner(self.latency, accuracy_constraint)
+        self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every)
+        self.window = FeedbackWindow(len(ee.sites), window)
+        self.history: list[ConfigChange] = []
+        self._lock = threading.Lock()
+        self._staged: ConfigChange | None = None
+        self._active: tuple[int, ...] = ()
+        self._thresholds = np.zeros(0)
+        self._violations = 0
+        self._since_adjust = 0
+        self._needs_tune = True
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._apply(ConfigChange(self._initial_active(ramp_budget), np.zeros(0), "start"))
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._control_loop, name="apparate-controller",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- serving thread -------------------------------------------------------------------
+
+    def infer(self, batch, on_release: Callable[[int, Result], None] | None = None) -> list[Result]:
+        """Answer one batch (a tensor or a tuple of tensors, batch first)."""
+        inputs = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        inputs = tuple(t.to(self.device) for t in inputs)
+        self._apply_staged()
+        names = [s.name for s in self.ee.sites]
+        callback = None
+        if on_release is not None:
+            def callback(rows, predictions, site, when):
+                for row, prediction in zip(rows.tolist(), predictions.tolist()):
+                    on_release(row, Result(int(prediction), names[site] if site >= 0 else None,
+                                           float("nan"), when))
+        outcome = self.forward(*inputs, on_release=callback)
+        self._record(outcome)
+        return [
+            Result(int(p), names[s] if s >= 0 else None, float(c), float(t))
+            for p, s, c, t in zip(outcome.prediction, outcome.exit_site, outcome.confidence,
+                                  outcome.release_time)
+        ]
+
+    def _record(self, outcome: BatchOutcome) -> None:
+        rows = outcome.feedback
+        if not rows.any():
+            return
+        final = outcome.final_prediction[rows]
+        self.window.record(outcome.site_confidence[rows],
+                           outcome.site_prediction[rows] == final[:, None])
+        with self._lock:
+            self._since_adjust += int(rows.sum())
+        if self._thread is None:
+            self.control_step()
+        else:
+            self._wake.set()
+
+    def _apply_staged(self) -> None:
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            self._apply(staged)
+
+    def _apply(self, change: ConfigChange) -> None:
+        """Write a configuration to the device tensors (serving thread, between batches)."""
+        thresholds = np.full(len(self.ee.sites), SAFE_THRESHOLD, dtype=np.float32)
+        if len(change.thresholds):
+            thresholds[list(change.active)] = change.thresholds
+        self.forward.set_active(change.active)
+        self.forward.thresholds.copy_(torch.from_numpy(thresholds))
+        self._active = change.active
+        self._thresholds = np.asarray(change.thresholds if len(change.thresholds)
+                                      else np.full(len(change.active), SAFE_THRESHOLD))
+        self.history.append(change)
+
+    def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
+        """Ramps spread evenly over the sites, as many as the budget allows (at most four)."""
+        sites = len(self.ee.sites)
+        for count in range(min(4, sites), 0, -1):
+            chosen = tuple(sorted({round((i + 1) * sites / (count + 1)) - 1 for i in range(count)}))
+            if self.latency.ramp_overhead(chosen) <= ramp_budget:
+                return chosen
+        return ()
+
+    # -- controller -----------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            if self._wake.wait(timeout=0.5):
+                self._wake.clear()
+                try:
+                    self.control_step()
+                except Exception:  # noqa: BLE001 - the controller must never stop serving
+                    log.exception("apparate: controller step failed; keeping the configuration")
+
+    def control_step(self) -> None:
+        """One controller decision on the current window (also callable directly in tests)."""
+        feedback = self.window.snapshot()
+        if feedback.num_samples == 0:
+            return
+        with self._lock:
+            active, thresholds = self._active, self._thresholds.copy()
+            since_adjust = self._since_adjust
+        if not active:
+            return
+        reason = None
+        if self.tuner.violated(feedback, active, thresholds):
+            self._violations += 1
+            if self._violations >= 2:
+                thresholds = zero_offending(thresholds, feedback, active)
+                reason = "repeated violations: offending ramps zeroed"
+            else:
+                thresholds = self.tuner.tune(feedback, active)
+                reason = "window broke the constraint: re-tuned"
+        else:
+            self._violations = 0
+            if self._needs_tune:
+                thresholds = self.tuner.tune(feedback, active, start=thresholds)
+                reason = "tuned"
+                self._needs_tune = feedback.num_samples < self.window.capacity // 4
+        if self.adjuster.due(since_adjust):
+            decision = self.adjuster.decide(feedback, active, thresholds)
+            with self._lock:
+                self._since_adjust = 0
+            if decision.kind == "retune":
+                thresholds = self.tuner.tune(feedback, active)
+                reason = decision.reason
+            elif tuple(decision.active) != tuple(active):
+                old = dict(zip(active, thresholds))
+                active = tuple(decision.active)
+                start = np.array([old.get(s, SAFE_THRESHOLD) for s in active])
+                thresholds = self.tuner.tune(feedback, active, start=start)
+                reason = decision.reason
+        if reason is not None:
+            with self._lock:
+                self._staged = ConfigChange(tuple(active), np.asarray(thresholds), reason)
+                self._active, self._thresholds = tuple(active), np.asarray(thresholds)
+            log.info("apparate: %s -> active %s thresholds %s", reason, active,
+                     np.round(thresholds, 3).tolist())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
