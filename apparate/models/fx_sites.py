@@ -32,22 +32,42 @@ def trace(model: torch.nn.Module) -> fx.GraphModule:
         raise UntraceableModelError(f"{type(model).__name__} does not trace with torch.fx: {exc}") from exc
 
 
-def _module_ending_at(node: fx.Node, order: dict[fx.Node, int], nodes: list[fx.Node]) -> str | None:
-    """The deepest module whose last node is ``node`` (None if it ends no module)."""
+def _modules_ending_at(node: fx.Node, order: dict[fx.Node, int], nodes: list[fx.Node]) -> list[str]:
+    """Names of the modules whose last node is ``node``, outermost first."""
     stack = list(node.meta.get("nn_module_stack", {}).keys())
     position = order[node]
     following = nodes[position + 1] if position + 1 < len(nodes) else None
     after = set(following.meta.get("nn_module_stack", {}).keys()) if following is not None else set()
-    for name in reversed(stack):
-        if name not in after:
-            return name
-    return None
+    return [name for name in stack if name not in after]
+
+
+def _is_block(module: torch.nn.Module) -> bool:
+    """A block: a module with modules inside that is not a mere container of them."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    return not isinstance(module, containers) and any(True for _ in module.children())
+
+
+def default_sites(model: torch.nn.Module, cuts: list[tuple[fx.Node, list[str]]]
+                  ) -> list[tuple[fx.Node, str]]:
+    """One name per cut. Where cuts end blocks (residual blocks, inverted residuals, ...), the
+    sites are those block outputs, named by the outermost block; a model of plain layers gets a
+    site at every cut, named by the innermost module ending there."""
+    blocks = []
+    for node, names in cuts:
+        # The original model's modules: a traced GraphModule rebuilds the hierarchy from plain
+        # Modules and loses which ones were containers.
+        ending_blocks = [n for n in names if _is_block(model.get_submodule(n))]
+        if ending_blocks:
+            blocks.append((node, ending_blocks[0]))
+    if blocks:
+        return blocks
+    return [(node, names[-1]) for node, names in cuts]
 
 
 def cut_vertices(
     gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None
-) -> list[tuple[fx.Node, str]]:
-    """(node, module name) of every cut vertex ending a module, in execution order.
+) -> list[tuple[fx.Node, list[str]]]:
+    """(node, names of the modules it ends) of every cut vertex ending a module, in order.
 
     With ``example_inputs``, only cuts holding one tensor with the batch dimension count; without
     (reloading saved sites, which were checked when found), shapes are not checked.
@@ -73,9 +93,9 @@ def cut_vertices(
             continue
         if not EDGE_FRACTION * len(nodes) <= i <= (1 - EDGE_FRACTION) * len(nodes):
             continue
-        name = _module_ending_at(n, order, nodes)
-        if name is not None:
-            cuts.append((n, name))
+        names = _modules_ending_at(n, order, nodes)
+        if names:
+            cuts.append((n, names))
     return cuts
 
 
@@ -111,9 +131,10 @@ def fx_backbone(
 ) -> SegmentedBackbone:
     """Segments of a traceable model at its cut vertices, or at the named ``sites``."""
     gm = trace(model)
-    cuts = cut_vertices(gm, example_inputs)
+    found = cut_vertices(gm, example_inputs)
+    cuts = default_sites(model, found)
     if sites is not None:
-        by_name = {name: node for node, name in cuts}
+        by_name = {name: node for node, names in found for name in names}
         missing = [s for s in sites if s not in by_name]
         if missing:
             raise ValueError(

@@ -24,7 +24,7 @@ import torch
 from apparate.models.ee_model import EEModel
 from apparate.runtime import profiler
 from apparate.runtime.adjuster import RampAdjuster
-from apparate.runtime.feedback import FeedbackWindow
+from apparate.runtime.feedback import Feedback, FeedbackWindow
 from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward
 from apparate.runtime.policy import SAFE_THRESHOLD
 from apparate.runtime.tuner import ThresholdTuner, zero_offending
@@ -58,14 +58,19 @@ class Runtime:
 
     ramp_budget: the largest extra latency a non-exiting sample may pay for ramps, as a fraction
     of the unmodified model's; window: feedback rows the tuner sees; adjust_every: feedback rows
-    between ramp-set decisions; batch_size: the batch size the latency profile is taken at.
+    between ramp-set decisions; batch_size: the batch size the latency profile is taken at
+    (the typical batch of the serving loop); min_feedback: feedback rows needed before any ramp
+    may exit; tuning_margin: thresholds are tuned to ``accuracy_constraint * tuning_margin`` on
+    the window, while a violation is the constraint itself broken on the latest
+    ``adjust_every`` rows.
     """
 
     def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,
                  ramp_budget: float = 0.02, mode: str = "release", feedback_fraction: float = 0.1,
                  device: str | torch.device | None = None, window: int = 512,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
-                 profile_cache=None, background: bool = True, seed: int = 0):
+                 profile_cache=None, background: bool = True, min_feedback: int = 128,
+                 tuning_margin: float = 0.5, seed: int = 0):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
         if mode not in MODES:
@@ -78,9 +83,13 @@ class Runtime:
                                         device=self.device, seed=seed)
         self.profile = profiler.load_or_measure(ee, example_inputs, self.device, profile_cache)
         self.latency = self.profile.at(batch_size)
-        self.tuner = ThresholdTuner(self.latency, accuracy_constraint)
+        # Thresholds are tuned to half the constraint: what held on the window must still hold
+        # on the requests that come next.
+        self.tuner = ThresholdTuner(self.latency, accuracy_constraint * tuning_margin)
+        self.monitor = ThresholdTuner(self.latency, accuracy_constraint)
         self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every)
         self.window = FeedbackWindow(len(ee.sites), window)
+        self.min_feedback = min(min_feedback, window)
         self.history: list[ConfigChange] = []
         self._lock = threading.Lock()
         self._staged: ConfigChange | None = None
@@ -101,10 +110,12 @@ class Runtime:
     # -- serving thread -------------------------------------------------------------------
 
     def infer(self, batch, on_release: Callable[[int, Result], None] | None = None) -> list[Result]:
-        """Answer one batch (a tensor or a tuple of tensors, batch first)."""
+        """Answer one batch (a tensor or a tuple of tensors, batch first).
+
+        on_release(i, result) is called for each sample i as soon as its answer is known (its
+        confidence is reported in the returned list, which comes when the batch is done).
+        """
         inputs = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-        inputs = tuple(t.to(self.device) for t in inputs)
-        self._apply_staged()
         names = [s.name for s in self.ee.sites]
         callback = None
         if on_release is not None:
@@ -112,16 +123,28 @@ class Runtime:
                 for row, prediction in zip(rows.tolist(), predictions.tolist()):
                     on_release(row, Result(int(prediction), names[site] if site >= 0 else None,
                                            float("nan"), when))
-        outcome = self.forward(*inputs, on_release=callback)
-        self._record(outcome)
+        outcome = self.forward_batch(inputs, callback)
         return [
             Result(int(p), names[s] if s >= 0 else None, float(c), float(t))
             for p, s, c, t in zip(outcome.prediction, outcome.exit_site, outcome.confidence,
                                   outcome.release_time)
         ]
 
+    def forward_batch(self, inputs: tuple[torch.Tensor, ...], on_release=None) -> BatchOutcome:
+        """Answer one batch with batched release callbacks ``on_release(rows, predictions,
+        site, when)`` (see ``forward.ReleaseCallback``); the serving loop's entry point."""
+        inputs = tuple(t.to(self.device) for t in inputs)
+        self._apply_staged()
+        outcome = self.forward(*inputs, on_release=on_release)
+        self._record(outcome)
+        return outcome
+
     def _record(self, outcome: BatchOutcome) -> None:
+        # While nothing can exit, every row reaches the final head whatever its confidence, so
+        # all of them are an unbiased sample, in compact mode too.
         rows = outcome.feedback
+        if not np.isfinite(self._thresholds).any():
+            rows = outcome.final_prediction >= 0
         if not rows.any():
             return
         final = outcome.final_prediction[rows]
@@ -175,15 +198,17 @@ class Runtime:
     def control_step(self) -> None:
         """One controller decision on the current window (also callable directly in tests)."""
         feedback = self.window.snapshot()
-        if feedback.num_samples == 0:
-            return
+        if feedback.num_samples < self.min_feedback:
+            return  # too few samples to bound the error rate: nothing exits yet
         with self._lock:
             active, thresholds = self._active, self._thresholds.copy()
             since_adjust = self._since_adjust
         if not active:
             return
         reason = None
-        if self.tuner.violated(feedback, active, thresholds):
+        recent = Feedback(feedback.confidence[-self.adjuster.config.interval:],
+                          feedback.agree[-self.adjuster.config.interval:])
+        if self.monitor.violated(recent, active, thresholds):
             self._violations += 1
             if self._violations >= 2:
                 thresholds = zero_offending(thresholds, feedback, active)
@@ -196,7 +221,7 @@ class Runtime:
             if self._needs_tune:
                 thresholds = self.tuner.tune(feedback, active, start=thresholds)
                 reason = "tuned"
-                self._needs_tune = feedback.num_samples < self.window.capacity // 4
+                self._needs_tune = feedback.num_samples < self.window.capacity // 2
         if self.adjuster.due(since_adjust):
             decision = self.adjuster.decide(feedback, active, thresholds)
             with self._lock:

@@ -1,0 +1,268 @@
+"""One workload end to end: assets, prepare, ramps (trained or cached), the unmodified model and
+apparate served on the same requests and arrival trace, and the comparison.
+
+Used by ``apparate demo`` and ``bench/e2e.py``. Writes, under ``out``: ``requests.csv`` (one row
+per request), ``summary.json`` (schema in the issue: vanilla / apparate / oracle figures),
+``latency_cdf.png`` and ``adaptation.png``; returns the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import apparate
+from apparate.assets import cache_dir
+from apparate.runtime.oracle import oracle_outcome
+from apparate.runtime.feedback import Feedback
+from apparate.serve.loop import (BatchingConfig, RuntimeEngine, ServeLog, VanillaEngine,
+                                 fixed_rate_arrivals, poisson_arrivals, serve)
+from apparate.workloads import load_workload
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    workload: str = "nlp-sentiment"
+    mode: str = "release"
+    accuracy_constraint: float = 0.01
+    ramp_budget: float = 0.02
+    feedback_fraction: float = 0.1
+    max_batch: int = 16
+    max_delay_ms: float = 5.0
+    load: float = 0.7  # arrival rate as a fraction of the vanilla model's capacity
+    window: int = 128  # requests per agreement window in the report
+    saturation_requests: int = 2000
+    seed: int = 0
+
+
+def say(message: str) -> None:
+    print(f"[apparate] {message}", file=sys.stderr, flush=True)
+
+
+def _ramps(workload, progress: bool):
+    ee = apparate.prepare(workload.model, workload.example_inputs)
+    sites = hashlib.sha256(json.dumps([s.name for s in ee.sites]).encode()).hexdigest()[:8]
+    path = cache_dir() / "ramps" / f"{workload.name}-{ee.fingerprint[:16]}-{sites}.safetensors"
+    if path.exists():
+        say(f"ramps: loaded from {path}")
+        return apparate.load(str(path), workload.model, workload.example_inputs)
+    say(f"ramps: training {len(ee.sites)} ramps on {workload.train_inputs[0].shape[0]} inputs")
+    agreement = ee.train_ramps(workload.train_inputs, progress=progress)
+    say("ramps: agreement with the model on their training inputs: "
+        + ", ".join(f"{a:.2f}" for a in agreement))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ee.save(str(path))
+    return ee
+
+
+def _capacity_rps(model, stream, max_batch: int) -> float:
+    engine = VanillaEngine(model)
+    batch = tuple(t[:max_batch] for t in stream)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        engine(batch, lambda *a: None)
+        times.append(time.perf_counter() - start)
+    return max_batch / float(np.median(times[2:]))
+
+
+def _oracle(ee, stream, vanilla: ServeLog, profile):
+    """Every candidate ramp active at zero cost; each sample exits at the first ramp that agrees
+    with the final answer. Its latency: the vanilla latency minus the compute it skips, taken
+    from the latency profile at the size of the batch the request ran in."""
+    features, _ = ee.site_features(stream, progress=False)
+    agree = np.stack([(ramp(f).argmax(1).numpy() == vanilla.prediction) for ramp, f in
+                      zip(ee.ramps, features)], axis=1)
+    oracle_ms = vanilla.latency_ms.copy()
+    for size in np.unique(vanilla.batch_size):
+        rows = vanilla.batch_size == size
+        latency = profile.at(size)
+        outcome = oracle_outcome(Feedback(np.ones(agree[rows].shape), agree[rows]), latency)
+        oracle_ms[rows] -= latency.vanilla_ms - outcome.latency_ms
+    return oracle_ms
+
+
+def _summary(cfg, vanilla: ServeLog, app: ServeLog, sat_vanilla, sat_app, oracle_ms, latency,
+             sites):
+    agreement = app.prediction == vanilla.prediction
+    windows = [agreement[i:i + cfg.window].mean() for i in range(0, len(agreement), cfg.window)
+               if len(agreement[i:i + cfg.window]) == cfg.window]
+    never = app.exit_site < 0
+    overhead = float(app.latency_ms[never].mean() / vanilla.latency_ms[never].mean() - 1) \
+        if never.any() else 0.0
+    histogram = {"final": int(never.sum())}
+    histogram.update({sites[s].name: int((app.exit_site == s).sum()) for s in range(len(sites))})
+    return {
+        "workload": cfg.workload,
+        "mode": cfg.mode,
+        "requests": int(len(agreement)),
+        "vanilla": {
+            "p50_ms": float(np.median(vanilla.latency_ms)),
+            "p95_ms": float(np.percentile(vanilla.latency_ms, 95)),
+            "throughput_rps": sat_vanilla.throughput_rps,
+            "served_rps": vanilla.throughput_rps,
+        },
+        "apparate": {
+            "p50_ms": float(np.median(app.latency_ms)),
+            "p95_ms": float(np.percentile(app.latency_ms, 95)),
+            "throughput_rps": sat_app.throughput_rps,
+            "served_rps": app.throughput_rps,
+            "agreement": float(agreement.mean()),
+            "windows_within_constraint": float(np.mean(
+                [w >= 1 - cfg.accuracy_constraint for w in windows])) if windows else 1.0,
+            "nonexit_overhead": overhead,
+            "exit_histogram": histogram,
+        },
+        "oracle": {"p50_ms": float(np.median(oracle_ms))},
+        "profile_ms": {"vanilla": latency.vanilla_ms, "segments": list(latency.segment_ms),
+                       "ramps": list(latency.ramp_ms)},
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    }
+
+
+def _write(out: Path, summary, vanilla, app, oracle_ms, history, started, sites):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "requests.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["request", "arrival_s", "vanilla_latency_ms", "apparate_latency_ms",
+                         "oracle_latency_ms", "vanilla_prediction", "apparate_prediction",
+                         "exit_site"])
+        for i in range(len(app.arrival)):
+            site = sites[app.exit_site[i]].name if app.exit_site[i] >= 0 else "final"
+            writer.writerow([i, f"{app.arrival[i]:.6f}", f"{vanilla.latency_ms[i]:.3f}",
+                             f"{app.latency_ms[i]:.3f}", f"{oracle_ms[i]:.3f}",
+                             vanilla.prediction[i], app.prediction[i], site])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in (("vanilla", vanilla.latency_ms), ("apparate", app.latency_ms),
+                          ("oracle", oracle_ms)):
+        ordered = np.sort(values)
+        ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{summary['workload']} ({summary['mode']} mode): latency CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=120)
+    plt.close(fig)
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    end = float(app.release.max())
+    for site in range(len(sites)):
+        xs, ys, active_xs = [], [], []
+        for change, following in zip(history, history[1:] + [None]):
+            t0 = max(change.at - started, 0.0)
+            t1 = (following.at - started) if following is not None else end
+            if site in change.active:
+                value = change.thresholds[change.active.index(site)] if len(change.thresholds) else np.inf
+                xs += [t0, t1]
+                ys += [min(float(value), 1.05)] * 2
+                active_xs.append((t0, max(t1 - t0, 1e-3)))
+            else:
+                xs += [t0, t1]
+                ys += [np.nan, np.nan]
+        if active_xs:
+            top.plot(xs, ys, label=sites[site].name)
+            bottom.broken_barh(active_xs, (site - 0.4, 0.8))
+    top.set_ylabel("threshold (1.05 = no exit)")
+    top.legend(fontsize=7, ncol=2)
+    top.grid(alpha=0.3)
+    bottom.set_yticks(range(len(sites)))
+    bottom.set_yticklabels([s.name for s in sites], fontsize=7)
+    bottom.set_xlabel("time since the stream started (s)")
+    bottom.set_ylabel("active ramps")
+    fig.suptitle(f"{summary['workload']}: thresholds and active ramps over time")
+    fig.tight_layout()
+    fig.savefig(out / "adaptation.png", dpi=120)
+    plt.close(fig)
+
+
+def table(summary) -> str:
+    v, a, o = summary["vanilla"], summary["apparate"], summary["oracle"]
+    saved = 1 - a["p50_ms"] / v["p50_ms"]
+    oracle_saved = 1 - o["p50_ms"] / v["p50_ms"]
+    lines = [
+        f"workload {summary['workload']}, {summary['mode']} mode, {summary['requests']} requests",
+        f"{'':<22}{'vanilla':>12}{'apparate':>12}{'oracle':>12}",
+        f"{'median latency (ms)':<22}{v['p50_ms']:>12.2f}{a['p50_ms']:>12.2f}{o['p50_ms']:>12.2f}",
+        f"{'p95 latency (ms)':<22}{v['p95_ms']:>12.2f}{a['p95_ms']:>12.2f}{'':>12}",
+        f"{'throughput (req/s)':<22}{v['throughput_rps']:>12.1f}{a['throughput_rps']:>12.1f}{'':>12}",
+        f"median latency saved: {saved:.1%} (oracle {oracle_saved:.1%}; "
+        f"{(saved / oracle_saved if oracle_saved > 0 else float('nan')):.0%} of the oracle's)",
+        f"agreement with the unmodified model: {a['agreement']:.2%}; windows within the "
+        f"constraint: {a['windows_within_constraint']:.1%}",
+        f"never-exiting samples pay {a['nonexit_overhead']:+.1%} over vanilla",
+        "exits: " + ", ".join(f"{k} {n}" for k, n in a["exit_histogram"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
+    torch.manual_seed(cfg.seed)
+    say(f"workload {cfg.workload}: loading (the first run trains and caches its model)")
+    workload = load_workload(cfg.workload, progress=progress)
+    say(workload.description)
+    ee = _ramps(workload, progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # serving timings on one thread (shared/DATA.md)
+    try:
+        stream = workload.stream_inputs
+        n = stream[0].shape[0]
+        batching = BatchingConfig(cfg.max_batch, cfg.max_delay_ms)
+        if workload.rate_hz is not None:
+            rate = workload.rate_hz
+            arrivals = fixed_rate_arrivals(n, rate)
+        else:
+            capacity = _capacity_rps(workload.model, stream, cfg.max_batch)
+            rate = cfg.load * capacity
+            arrivals = poisson_arrivals(n, rate, cfg.seed)
+        say(f"serving {n} requests at {rate:.1f} req/s "
+            f"({'fixed rate' if workload.rate_hz else f'Poisson, {cfg.load:.0%} of vanilla capacity'})")
+        from tqdm import tqdm
+
+        def bar(what):
+            return tqdm(total=n, desc=f"apparate: {what}", disable=not progress, file=sys.stderr,
+                        leave=False)
+
+        with bar("vanilla") as b:
+            vanilla = serve(VanillaEngine(workload.model), stream, arrivals, batching, b.update)
+        typical_batch = float(np.median(vanilla.batch_size))
+        say(f"vanilla: median batch {typical_batch:.0f}, median latency "
+            f"{np.median(vanilla.latency_ms):.1f} ms")
+        runtime = apparate.Runtime(
+            ee, accuracy_constraint=cfg.accuracy_constraint, ramp_budget=cfg.ramp_budget,
+            mode=cfg.mode, feedback_fraction=cfg.feedback_fraction, batch_size=typical_batch,
+            example_inputs=workload.example_inputs, profile_cache=cache_dir() / "profiles",
+            seed=cfg.seed)
+        with runtime:
+            started = time.perf_counter()
+            with bar(f"apparate ({cfg.mode})") as b:
+                app = serve(RuntimeEngine(runtime), stream, arrivals, batching, b.update)
+            saturated = min(n, cfg.saturation_requests)
+            burst = np.zeros(saturated)
+            head = tuple(t[:saturated] for t in stream)
+            say(f"throughput: {saturated} requests all queued at once")
+            sat_vanilla = serve(VanillaEngine(workload.model), head, burst, batching)
+            sat_app = serve(RuntimeEngine(runtime), head, burst, batching)
+        say("oracle: every ramp's answer on every request")
+        oracle_ms = _oracle(ee, stream, vanilla, runtime.profile)
+    finally:
+        torch.set_num_threads(threads)
+    summary = _summary(cfg, vanilla, app, sat_vanilla, sat_app, oracle_ms, runtime.latency,
+                       ee.sites)
+    _write(out, summary, vanilla, app, oracle_ms, runtime.history, started, ee.sites)
+    return summary

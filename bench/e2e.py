@@ -1,0 +1,46 @@
+"""End-to-end benchmark: the unmodified model and apparate on the same requests and arrivals.
+
+    python bench/e2e.py --workload cv-fashion --mode release --out bench/results/e2e/cv-fashion-release
+
+Writes summary.json, requests.csv, latency_cdf.png and adaptation.png under --out, and prints
+the table (median and p95 latency, throughput, agreement, exit histogram, gap to the oracle).
+CPU timings use one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from apparate.serve.experiment import ExperimentConfig, run, table
+from apparate.workloads import WORKLOADS
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = ExperimentConfig()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=WORKLOADS, required=True)
+    parser.add_argument("--mode", choices=["release", "compact"], default="release")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint)
+    parser.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget)
+    parser.add_argument("--feedback-fraction", type=float, default=defaults.feedback_fraction)
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
+    parser.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms)
+    parser.add_argument("--load", type=float, default=defaults.load,
+                        help="Poisson arrival rate as a fraction of vanilla capacity")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    config = ExperimentConfig(
+        workload=args.workload, mode=args.mode, accuracy_constraint=args.accuracy_constraint,
+        ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load, seed=args.seed)
+    summary = run(config, args.out)
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
