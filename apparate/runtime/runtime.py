@@ -70,7 +70,7 @@ class Runtime:
                  device: str | torch.device | None = None, window: int = 512,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
                  profile_cache=None, background: bool = True, min_feedback: int = 128,
-                 tuning_margin: float = 0.5, seed: int = 0):
+                 tuning_margin: float = 0.3, seed: int = 0):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
         if mode not in MODES:
@@ -83,8 +83,8 @@ class Runtime:
                                         device=self.device, seed=seed)
         self.profile = profiler.load_or_measure(ee, example_inputs, self.device, profile_cache)
         self.latency = self.profile.at(batch_size)
-        # Thresholds are tuned to half the constraint: what held on the window must still hold
-        # on the requests that come next.
+        # Thresholds are tuned to a fraction of the constraint: what held on the window must
+        # still hold on the requests that come next, in (nearly) every window of them.
         self.tuner = ThresholdTuner(self.latency, accuracy_constraint * tuning_margin)
         self.monitor = ThresholdTuner(self.latency, accuracy_constraint)
         self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every)
