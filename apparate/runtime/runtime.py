@@ -31,6 +31,10 @@ from apparate.runtime.tuner import ThresholdTuner, zero_offending
 
 log = logging.getLogger("apparate")
 
+# Feedback rows between controller steps: each step snapshots the window and checks the latest
+# rows, work that would otherwise compete with serving at every small batch.
+CONTROL_EVERY = 32
+
 
 @dataclass(frozen=True)
 class Result:
@@ -67,10 +71,10 @@ class Runtime:
 
     def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,
                  ramp_budget: float = 0.02, mode: str = "release", feedback_fraction: float = 0.1,
-                 device: str | torch.device | None = None, window: int = 512,
+                 device: str | torch.device | None = None, window: int = 1024,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
                  profile_cache=None, background: bool = True, min_feedback: int = 128,
-                 tuning_margin: float = 0.3, seed: int = 0):
+                 tuning_margin: float = 0.15, seed: int = 0):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
         if mode not in MODES:
@@ -97,6 +101,7 @@ class Runtime:
         self._thresholds = np.zeros(0)
         self._violations = 0
         self._since_adjust = 0
+        self._since_control = 0
         self._needs_tune = True
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -152,6 +157,12 @@ class Runtime:
                            outcome.site_prediction[rows] == final[:, None])
         with self._lock:
             self._since_adjust += int(rows.sum())
+            self._since_control += int(rows.sum())
+            due = self._since_control >= CONTROL_EVERY or self._needs_tune
+            if due:
+                self._since_control = 0
+        if not due:
+            return  # the controller looks every CONTROL_EVERY rows, not at every small batch
         if self._thread is None:
             self.control_step()
         else:
