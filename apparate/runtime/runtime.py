@@ -100,6 +100,7 @@ class Runtime:
         self._active: tuple[int, ...] = ()
         self._thresholds = np.zeros(0)
         self._violations = 0
+        self._retune_at: int | None = None  # window row count at which zeroed ramps re-tune
         self._since_adjust = 0
         self._since_control = 0
         self._needs_tune = True
@@ -222,18 +223,25 @@ class Runtime:
         if self.monitor.violated(recent, active, thresholds):
             self._violations += 1
             if self._violations >= 2:
-                thresholds = zero_offending(thresholds, feedback, active)
+                # Only the ramps that exited wrongly in the violating rows; they come back once
+                # a quarter of the window has been replaced by rows seen after the violation.
+                thresholds = zero_offending(thresholds, recent, active)
                 reason = "repeated violations: offending ramps zeroed"
+                self._retune_at = self.window.total_recorded + self.window.capacity // 4
             else:
                 thresholds = self.tuner.tune(feedback, active)
                 reason = "window broke the constraint: re-tuned"
         else:
             self._violations = 0
-            if self._needs_tune:
+            if self._retune_at is not None and self.window.total_recorded >= self._retune_at:
+                thresholds = self.tuner.tune(feedback, active)
+                reason = "re-tuned after zeroing"
+                self._retune_at = None
+            elif self._needs_tune:
                 thresholds = self.tuner.tune(feedback, active, start=thresholds)
                 reason = "tuned"
                 self._needs_tune = feedback.num_samples < self.window.capacity // 2
-        if self.adjuster.due(since_adjust):
+        if self._retune_at is None and self.adjuster.due(since_adjust):
             decision = self.adjuster.decide(feedback, active, thresholds)
             with self._lock:
                 self._since_adjust = 0

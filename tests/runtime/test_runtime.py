@@ -68,3 +68,35 @@ def test_bad_arguments(setup, kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         apparate.Runtime(ee, **arguments)
+
+
+def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path):
+    ee, stream, _ = setup
+    rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
+                          profile_cache=tmp_path, background=False, window=256, min_feedback=32)
+    sites = len(ee.sites)
+    active = (0, 2)
+    rt._apply(apparate.runtime.runtime.ConfigChange(active, np.array([0.5, 0.5]), "test"))
+
+    def record(rows, site0_agrees):
+        confidence = np.full((rows, sites), np.nan)
+        confidence[:, 0] = 0.9  # ramp 0 lets every row exit...
+        confidence[:, 2] = 0.1  # ...ramp 2 none
+        agree = np.zeros((rows, sites), dtype=bool)
+        agree[:, 0] = site0_agrees
+        agree[:, 2] = True
+        rt.window.record(confidence, agree)
+
+    record(128, site0_agrees=False)  # every exit at ramp 0 is wrong
+    rt.control_step()
+    assert "re-tuned" in rt._staged.reason
+    rt._staged = None
+    rt._thresholds = np.array([0.5, 0.5])  # as if the bad thresholds were still in force
+    rt.control_step()
+    assert rt._staged.reason.startswith("repeated violations")
+    assert np.isinf(rt._staged.thresholds[0]), "the offending ramp no longer exits"
+    rt._apply(rt._staged)
+    record(rt.window.capacity // 4, site0_agrees=True)  # ramp 0 turns good again
+    rt.control_step()
+    assert rt._staged.reason == "re-tuned after zeroing"
+    assert np.isfinite(rt._staged.thresholds[0])
