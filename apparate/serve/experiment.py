@@ -164,22 +164,24 @@ def _write(out: Path, summary, vanilla, app, oracle_ms, history, started, sites)
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     end = float(app.release.max())
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for site in range(len(sites)):
-        xs, ys, active_xs = [], [], []
+        colour = colours[site % len(colours)]
+        spans = []
         for change, following in zip(history, history[1:] + [None]):
+            if site not in change.active:
+                continue
             t0 = max(change.at - started, 0.0)
-            t1 = (following.at - started) if following is not None else end
-            if site in change.active:
-                value = change.thresholds[change.active.index(site)] if len(change.thresholds) else np.inf
-                xs += [t0, t1]
-                ys += [min(float(value), 1.05)] * 2
-                active_xs.append((t0, max(t1 - t0, 1e-3)))
-            else:
-                xs += [t0, t1]
-                ys += [np.nan, np.nan]
-        if active_xs:
-            top.plot(xs, ys, label=sites[site].name)
-            bottom.broken_barh(active_xs, (site - 0.4, 0.8))
+            t1 = min((following.at - started) if following is not None else end, end)
+            if t1 <= t0:
+                continue
+            value = (change.thresholds[change.active.index(site)] if len(change.thresholds)
+                     else np.inf)
+            top.hlines(min(float(value), 1.05), t0, t1, colors=colour)
+            spans.append((t0, t1 - t0))
+        if spans:
+            top.plot([], [], color=colour, label=sites[site].name)
+            bottom.broken_barh(spans, (site - 0.4, 0.8), color=colour)
     top.set_ylabel("threshold (1.05 = no exit)")
     top.legend(fontsize=7, ncol=2)
     top.grid(alpha=0.3)
