@@ -58,6 +58,14 @@ def _bert(layers: int = 4):
     return transformers.BertForSequenceClassification(config).eval()
 
 
+def trained_ramps():
+    """The trained CNN wrapped with ramps trained on its own answers (shared by runtime tests)."""
+    model = _trained_cnn()
+    ee = apparate.prepare(model, _separable(8))
+    ee.train_ramps(_separable(300), epochs=10, progress=False)
+    return model, ee
+
+
 def test_traced_cnn_sites_are_its_blocks():
     model = _cnn()
     ee = apparate.prepare(model, torch.randn(2, 1, 10, 10))

@@ -9,14 +9,12 @@ import torch
 import apparate
 from apparate.runtime.forward import EarlyExitForward
 from apparate.testing import forbid_host_sync
-from tests.models.test_prepare import _bert, _separable, _trained_cnn
+from tests.models.test_prepare import _bert, _separable, trained_ramps
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    model = _trained_cnn()
-    ee = apparate.prepare(model, _separable(8))
-    ee.train_ramps(_separable(300), epochs=10, progress=False)
+    model, ee = trained_ramps()
     x = _separable(64)
     with torch.no_grad():
         vanilla = model(x).argmax(1).numpy()

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 import apparate
-from tests.models.test_prepare import _separable, _trained_cnn
+from tests.models.test_prepare import _separable, trained_ramps
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = _trained_cnn()
-    ee = apparate.prepare(model, _separable(8))
-    ee.train_ramps(_separable(300), epochs=10, progress=False)
+    model, ee = trained_ramps()
     stream = _separable(1200)
     with torch.no_grad():
         vanilla = model(stream).argmax(1).numpy()
