@@ -59,18 +59,28 @@ class BatchOutcome:
 
 
 class PendingBatch:
-    """A launched batch: release slots to poll, and the device tensors of its outcome."""
+    """A launched batch: release slots to poll, and the device tensors of its outcome.
 
-    def __init__(self, batch: int, releases: list[tuple[int, DeviceToHost]],
-                 outcome: dict[str, Tensor], on_release: ReleaseCallback | None):
+    ``ramps`` holds, per evaluated ramp in order, (site, confidence, prediction, exit_mask,
+    origin, count): ``origin`` maps each position of the (compacted) view to its original row
+    (None = identity) and ``count`` is the live-row count the view had (None = all rows);
+    ``final`` is (prediction, origin, count) of the final head, or None when no row reached it.
+    """
+
+    def __init__(self, batch: int, sites: int, mode: str, on_release: ReleaseCallback | None,
+                 feedback: np.ndarray):
         self.batch = batch
-        self.releases = releases
-        self.outcome = outcome
+        self.sites = sites
+        self.mode = mode
         self.on_release = on_release
+        self.feedback = feedback
+        self.releases: list[tuple[int, DeviceToHost]] = []
+        self.ramps: list[tuple] = []
+        self.final: tuple | None = None
         self.release_time = np.full(batch, np.nan)
 
     def poll(self) -> None:
-        """Release every exit whose copy has arrived; never waits."""
+        """Release every exit whose values have arrived; never waits."""
         still = []
         for site, slot in self.releases:
             value = slot.poll()
@@ -78,10 +88,14 @@ class PendingBatch:
                 still.append((site, slot))
                 continue
             now = time.perf_counter()
-            rows, predictions = value[0], value[1]
-            exited = rows >= 0
-            fresh = exited & np.isnan(self.release_time[np.where(exited, rows, 0)])
-            rows, predictions = rows[fresh], predictions[fresh]
+            exited, predictions = value[0], value[1]
+            if len(value) == 3:  # compact mode: positions of the view -> original rows
+                positions = np.flatnonzero(exited)
+                rows = value[2][positions]
+            else:
+                rows = positions = np.flatnonzero(exited)
+            fresh = np.isnan(self.release_time[rows])
+            rows, predictions = rows[fresh], predictions[positions[fresh]]
             self.release_time[rows] = now
             if self.on_release is not None and rows.size:
                 self.on_release(rows, predictions, site, now)
@@ -89,25 +103,57 @@ class PendingBatch:
 
     def wait(self) -> BatchOutcome:
         """Finish the batch (this does wait for the device) and release what is left."""
-        host = {k: v.cpu().numpy()[..., : self.batch] for k, v in self.outcome.items()}
+        batch, sites = self.batch, self.sites
+        exit_site = np.full(batch, -1, dtype=np.int64)
+        exit_prediction = np.zeros(batch, dtype=np.int64)
+        exit_confidence = np.full(batch, np.nan, dtype=np.float32)
+        site_confidence = np.full((batch, sites), np.nan, dtype=np.float32)
+        site_prediction = np.full((batch, sites), -1, dtype=np.int64)
+        for site, confidence, prediction, exit_mask, origin, count in self.ramps:
+            rows, live = _rows(origin, count, confidence.shape[0])
+            confidence = confidence.cpu().numpy()[live]
+            prediction = prediction.cpu().numpy()[live]
+            exited = exit_mask.cpu().numpy()[live]
+            site_confidence[rows, site] = confidence
+            site_prediction[rows, site] = prediction
+            first = exited & (exit_site[rows] < 0)
+            exit_site[rows[first]] = site
+            exit_prediction[rows[first]] = prediction[first]
+            exit_confidence[rows[first]] = confidence[first]
+        final = np.full(batch, -1, dtype=np.int64)
+        if self.final is not None:
+            prediction, origin, count = self.final
+            rows, live = _rows(origin, count, prediction.shape[0])
+            final[rows] = prediction.cpu().numpy()[live]
         while self.releases:
             self.poll()
         now = time.perf_counter()
         left = np.isnan(self.release_time)
         if self.on_release is not None and left.any():
             rows = np.flatnonzero(left)
-            self.on_release(rows, host["prediction"][rows], -1, now)
+            self.on_release(rows, final[rows], -1, now)
         self.release_time[left] = now
+        exited = exit_site >= 0
         return BatchOutcome(
-            prediction=host["prediction"],
-            exit_site=host["exit_site"],
-            confidence=host["confidence"],
+            prediction=np.where(exited, exit_prediction, final),
+            exit_site=exit_site,
+            confidence=exit_confidence,
             release_time=self.release_time,
-            site_confidence=host["site_confidence"].T.copy(),
-            site_prediction=host["site_prediction"].T.copy(),
-            final_prediction=host["final_prediction"],
-            feedback=host["feedback"] & (host["final_prediction"] >= 0),
+            site_confidence=site_confidence,
+            site_prediction=site_prediction,
+            final_prediction=final,
+            feedback=self.feedback & (final >= 0),
         )
+
+
+def _rows(origin: Tensor | None, count: Tensor | None, view: int) -> tuple[np.ndarray, np.ndarray]:
+    """Original rows of the live positions of a view of ``view`` rows, and those positions."""
+    live = np.arange(view)
+    if count is not None:
+        live = live[: int(count.cpu().numpy()[0])]
+    if origin is None:
+        return live, live
+    return origin.cpu().numpy()[live], live
 
 
 class EarlyExitForward:
@@ -130,93 +176,80 @@ class EarlyExitForward:
         self.thresholds = torch.full((sites,), SAFE_THRESHOLD, device=self.device)
         self.weights = [r.weight.detach().to(self.device) for r in ee.ramps]
         self.biases = [r.bias.detach().to(self.device) for r in ee.ramps]
-        self.active: tuple[int, ...] = ()
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.active: frozenset[int] = frozenset()
+        self.rng = np.random.default_rng(seed)
 
     def set_active(self, active) -> None:
         active = tuple(sorted(set(int(a) for a in active)))
         if any(not 0 <= a < len(self.ee.sites) for a in active):
             raise ValueError(f"active sites must be in [0, {len(self.ee.sites)}); got {active}")
-        self.active = active
+        self.active = frozenset(active)
 
     @torch.no_grad()
     def launch(self, *inputs: Tensor, on_release: ReleaseCallback | None = None) -> PendingBatch:
+        """Launch one batch; exits are released as their values reach the host."""
         backbone = self.ee.backbone
         batch = inputs[0].shape[0]
-        dev = self.device
-        sites = len(self.ee.sites)
-        width = batch + 1  # one spare slot past the rows takes the writes of dead positions
-        rows = torch.arange(batch, device=dev)
-        origin = rows.clone()
-        alive = torch.ones(batch, dtype=torch.bool, device=dev)
-        exit_site = torch.full((width,), -1, dtype=torch.int64, device=dev)
-        exit_prediction = torch.zeros(width, dtype=torch.int64, device=dev)
-        exit_confidence = torch.full((width,), float("nan"), device=dev)
-        site_confidence = torch.full((sites, width), float("nan"), device=dev)
-        site_prediction = torch.full((sites, width), -1, dtype=torch.int64, device=dev)
-        feedback = torch.rand(width, generator=self.generator, device=dev) < self.feedback_fraction
-        pending = PendingBatch(batch, [], {}, on_release)
-        count_slot = None
-        active = set(self.active)
+        compact = self.mode == "compact"
+        if compact:
+            feedback = self.rng.random(batch) < self.feedback_fraction
+        else:
+            feedback = np.ones(batch, dtype=bool)
+        pending = PendingBatch(batch, len(self.ee.sites), self.mode, on_release, feedback)
+        # Compact mode carries, per position of the view: the original row, whether the row has
+        # exited, and whether it keeps running as feedback; compacted with the state.
+        meta = positions = alive = count = count_slot = None
+        active = self.active
         state = backbone.enter(*inputs)
         for index, segment in enumerate(backbone.segments):
             state = segment(state)
             if index not in active:
                 continue
             site = self.ee.sites[index]
-            slot = torch.where(origin >= 0, origin, batch)
             mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
             result = apparate.ramp_exit(state[0], self.weights[index], self.biases[index],
                                         self.thresholds[index], pool=site.pool, mask=mask,
                                         alive=alive)
-            site_confidence[index].scatter_(0, slot, result.confidence)
-            site_prediction[index].scatter_(0, slot, result.prediction)
-            before = exit_site.gather(0, slot)
-            first = result.exit_mask & (before < 0)
-            exit_site.scatter_(0, slot, torch.where(first, index, before))
-            exit_prediction.scatter_(
-                0, slot, torch.where(first, result.prediction, exit_prediction.gather(0, slot)))
-            exit_confidence.scatter_(
-                0, slot, torch.where(first, result.confidence, exit_confidence.gather(0, slot)))
-            released = DeviceToHost(torch.empty(2, slot.shape[0], dtype=torch.int64, device=dev))
-            released.publish(torch.stack([torch.where(first, slot, -1), result.prediction]))
-            pending.releases.append((index, released))
-            if self.mode == "compact":
-                keep = alive & ((exit_site.gather(0, slot) < 0) | feedback.gather(0, slot))
-                index_buf = torch.empty(keep.shape[0], dtype=torch.int64, device=dev)
-                count = torch.empty(1, dtype=torch.int32, device=dev)
-                for tensor in state:
-                    apparate.compact_rows(tensor, keep, tensor, index_out=index_buf,
-                                          count_out=count)
-                origin = torch.where(index_buf >= 0, origin.gather(0, index_buf.clamp(min=0)), -1)
-                alive = rows < count
-                count_slot = DeviceToHost(count)
-                count_slot.publish(count)
+            if not compact:
+                pending.ramps.append((index, result.confidence, result.prediction,
+                                      result.exit_mask, None, None))
+                pending.releases.append(
+                    (index, DeviceToHost(result.exit_mask, result.prediction)))
+                pending.poll()
+                continue
+            if meta is None:
+                meta = torch.from_numpy(np.stack(
+                    [np.arange(batch), np.zeros(batch, dtype=np.int64), feedback], 1)
+                ).to(self.device, non_blocking=True)
+                positions = torch.arange(batch, device=self.device)
+            origin = meta[:, 0]
+            pending.ramps.append((index, result.confidence, result.prediction, result.exit_mask,
+                                  origin, count))
+            pending.releases.append(
+                (index, DeviceToHost(result.exit_mask, result.prediction, origin)))
+            meta[:, 1].bitwise_or_(result.exit_mask)
+            keep = meta[:, 1] <= meta[:, 2]  # not exited, or kept running as feedback
+            if alive is not None:
+                keep &= alive
+            meta, scratch, count = apparate.compact_rows(meta, keep)
+            for tensor in state:
+                apparate.compact_rows(tensor, keep, tensor, index_out=scratch,
+                                      count_out=torch.empty_like(count))
+            alive = positions < count
+            count_slot = DeviceToHost(count)
             pending.poll()
-            if count_slot is not None:
-                live = count_slot.poll()
-                if live is not None:  # shrink the view to the live rows now that it is known
-                    n = int(live[0])
-                    state = tuple(t[:n] for t in state)
-                    rows, origin, alive = rows[:n], origin[:n], alive[:n]
-                    count_slot = None
-                    if n == 0:  # every row has left: nothing more to run
-                        break
-        final = torch.full((width,), -1, dtype=torch.int64, device=dev)
-        if rows.shape[0]:
-            logits = backbone.finish(state)
-            slot = torch.where(origin >= 0, origin, batch)
-            final.scatter_(0, slot, torch.where(alive, logits.argmax(1), -1))
-        exited = exit_site >= 0
-        pending.outcome = {
-            "prediction": torch.where(exited, exit_prediction, final),
-            "exit_site": exit_site,
-            "confidence": exit_confidence,
-            "site_confidence": site_confidence,
-            "site_prediction": site_prediction,
-            "final_prediction": final,
-            "feedback": feedback if self.mode == "compact" else torch.ones_like(feedback),
-        }
+            live = count_slot.poll()
+            if live is not None:  # shrink the view to the live rows now that it is known
+                n = int(live[0][0])
+                state = tuple(t[:n] for t in state)
+                meta, positions = meta[:n], positions[:n]
+                alive = None  # every position of the shrunk view is live
+                if n == 0:  # every row has left: nothing more to run
+                    break
+        if state[0].shape[0]:
+            prediction = backbone.finish(state).argmax(1)
+            pending.final = (prediction, meta[:, 0] if meta is not None else None, count)
+        pending.poll()
         return pending
 
     def __call__(self, *inputs: Tensor, on_release: ReleaseCallback | None = None) -> BatchOutcome:

@@ -74,7 +74,7 @@ class Runtime:
                  device: str | torch.device | None = None, window: int = 1024,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
                  profile_cache=None, background: bool = True, min_feedback: int = 128,
-                 tuning_margin: float = 0.15, seed: int = 0):
+                 tuning_margin: float = 0.3, seed: int = 0):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
         if mode not in MODES:

@@ -2,10 +2,16 @@
 
 Greedy search with per-ramp steps (the paper's, in this runtime's convention; see ``policy``):
 start from the safe point (nothing exits) or from ``start``; each round, try making every active
-ramp more aggressive by its step (LOWER its confidence threshold by the step); among the moves that
-keep the window's agreement with the unmodified model >= 1 - constraint, take the one that loses
-the least accuracy per millisecond of latency gained, and double that ramp's step. When no move is
-feasible, halve every step; stop when every step is below ``min_step``.
+ramp more aggressive by its step (LOWER its threshold by the step); among the moves that keep the
+window's agreement with the unmodified model >= 1 - constraint, take the one that loses the least
+accuracy per millisecond of latency gained, and double that ramp's step. When no move is feasible,
+halve every step; stop when every step is below ``min_step``.
+
+Steps are taken on *levels*, not on raw confidences: a confidence's level at a ramp is the
+fraction of the window's confidences at that ramp that are <= it (its empirical CDF). A confident
+ramp puts most samples above 0.99, where fixed confidence steps cannot resolve anything; on levels,
+a step of 0.01 always moves about 1% of the samples. The tuned levels are mapped back to
+confidence thresholds (the lowest window confidence at or above the level) for ``ramp_exit``.
 
 Two cases the paper leaves open, decided here:
 - a move that changes no sample's exit on this window (a gap in the ramp's confidences) is taken
@@ -34,12 +40,13 @@ _EPS = 1e-9
 @dataclass(frozen=True)
 class TuneRound:
     """One round of the search. kind: "move" (one ramp made more aggressive), "gap" (ramps moved
-    across confidences no sample has), or "halve" (no feasible move: every step halved);
-    ramps: positions in ``active`` that moved; thresholds, steps: (A,) after the round."""
+    across levels no sample has), or "halve" (no feasible move: every step halved);
+    ramps: positions in ``active`` that moved; levels, steps: (A,) after the round (levels, not
+    confidences; +inf = nothing exits)."""
 
     kind: str
     ramps: tuple[int, ...]
-    thresholds: np.ndarray
+    levels: np.ndarray
     steps: np.ndarray
 
 
@@ -76,18 +83,25 @@ class ThresholdTuner:
     """Tunes the thresholds of the active ramps on a feedback window.
 
     accuracy_constraint: largest allowed fraction of answers that differ from the unmodified
-    model's; initial_step, min_step: confidence units.
+    model's; initial_step, min_step: level units (fractions of the window's samples);
+    exit_prior: wrong answers charged to every ramp that lets samples exit, on top of those it
+    makes on the window. The search stops each threshold just short of a wrong answer it saw, so
+    the samples that come next fare worse than the window did; charging each exiting ramp one
+    unseen wrong answer (a Laplace-style correction) keeps that optimism in check.
     """
 
     profile: LatencyProfile
     accuracy_constraint: float = 0.01
-    min_step: float = 0.01
+    min_step: float = 1 / 512
     initial_step: float = 0.1
+    exit_prior: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.accuracy_constraint < 1.0:
             raise ValueError(f"accuracy_constraint: expected a fraction in [0, 1), "
                              f"got {self.accuracy_constraint}")
+        if not self.exit_prior >= 0.0:
+            raise ValueError(f"exit_prior: expected >= 0, got {self.exit_prior}")
         if not 0.0 < self.min_step <= self.initial_step:
             raise ValueError(f"min_step, initial_step: expected 0 < min_step <= initial_step, "
                              f"got {self.min_step} and {self.initial_step}")
@@ -119,26 +133,37 @@ class ThresholdTuner:
         sites = validate_active(active, self.profile.num_sites)
         a, n = sites.size, feedback.num_samples
         safe = np.full(a, SAFE_THRESHOLD)
-        t = safe.copy() if start is None else np.maximum(check_thresholds(start, a), 0.0)
+        start = safe.copy() if start is None else np.maximum(check_thresholds(start, a), 0.0)
         need = _min_correct(n, self.accuracy_constraint)
+        # Ramp-major (A, n) copies, so per-ramp reductions run over contiguous rows. A NaN
+        # confidence gets level -1: below every level the search produces (>= 0), never exits.
+        conf = feedback.confidence[:, sites].T
+        finite = ~np.isnan(conf)
+        ordered = [np.sort(conf[i, finite[i]]) for i in range(a)]
+        key = np.full(conf.shape, -1.0)
+        t = safe.copy()
+        for i, values in enumerate(ordered):
+            if values.size:
+                key[i, finite[i]] = np.searchsorted(values, conf[i, finite[i]], "right") / values.size
+                if np.isfinite(start[i]):
+                    # Level of the start threshold: key >= it exactly where conf >= start.
+                    t[i] = (np.searchsorted(values, start[i], "left") + 1) / values.size
         latency = self.profile.exit_latency_ms(sites)  # (A+1,)
         agree = np.concatenate([feedback.agree[:, sites], np.ones((n, 1), dtype=bool)], axis=1)
         rows = np.arange(n)
 
-        exit_pos = exit_site_per_sample(feedback, sites, t)  # (n,) in 0..A
+        exit_pos = exit_site_per_sample(feedback, sites, start)  # (n,) in 0..A
         ok = agree[rows, exit_pos].astype(np.float64)  # float: it enters matrix products
-        if ok.sum() < need:
-            t = safe.copy()
+        exiting = np.unique(exit_pos[exit_pos < a]).size
+        ok_count = float(ok.sum()) - self.exit_prior * exiting
+        if ok_count < need:
+            t, start = safe.copy(), safe.copy()
             exit_pos = np.full(n, a, dtype=np.int64)
             ok = np.ones(n)
-        ok_count = float(ok.sum())
+            ok_count = float(n)
         lat = latency[exit_pos]
+        initial = t.copy()
 
-        # Ramp-major (A, n) copies, so per-ramp reductions run over contiguous rows. NaN becomes
-        # -1: below every threshold the search produces (>= 0), so it never exits.
-        conf = feedback.confidence[:, sites].T
-        key = np.where(np.isnan(conf), -1.0, conf)
-        finite = key >= 0.0
         agree_ramp = np.ascontiguousarray(agree[:, :a].T)
         ramp_pos = np.arange(a)[:, None]
 
@@ -156,6 +181,8 @@ class ThresholdTuner:
             moved = in_move.sum(axis=1)
             gain = in_move @ lat - latency[:a] * moved
             d_ok = (in_move & agree_ramp).sum(axis=1) - in_move @ ok
+            opens = (moved > 0) & ~(exit_pos[None, :] == ramp_pos).any(axis=1)
+            d_ok = d_ok - self.exit_prior * opens
             candidate = has_room & (steps >= self.min_step)
             feasible = candidate & (moved > 0) & (ok_count + d_ok >= need)
             if feasible.any():
@@ -179,4 +206,18 @@ class ThresholdTuner:
                 kind, moved_ramps = "halve", ()
             if trace is not None:
                 trace.append(TuneRound(kind, moved_ramps, t.copy(), steps.copy()))
-        return TuneResult(t, tuple(trace or ()))
+        return TuneResult(_thresholds(t, initial, ordered, start), tuple(trace or ()))
+
+
+def _thresholds(levels: np.ndarray, initial: np.ndarray, ordered: list[np.ndarray],
+                start: np.ndarray) -> np.ndarray:
+    """Confidence thresholds that let exactly the window samples at or above ``levels`` exit:
+    the lowest window confidence whose level reaches the ramp's level (safe above them all).
+    A ramp whose level did not move keeps its start threshold."""
+    out = start.copy()
+    for i, (level, values) in enumerate(zip(levels, ordered)):
+        if level == initial[i] or not np.isfinite(level):
+            continue
+        need = int(np.ceil(level * values.size - 1e-9))  # samples <= the threshold's confidence
+        out[i] = SAFE_THRESHOLD if need > values.size else float(values[max(need, 1) - 1])
+    return out

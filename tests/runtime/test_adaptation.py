@@ -160,12 +160,39 @@ def ramp0_right_above_080(n_right: int = 200, n_wrong: int = 300) -> Feedback:
 
 def test_tuner_settles_at_the_known_threshold():
     fb = ramp0_right_above_080()
-    tuner = ThresholdTuner(uniform_profile(2))
+    tuner = ThresholdTuner(uniform_profile(2), accuracy_constraint=0.0, exit_prior=0.0)
     t = tuner.tune(fb, [0, 1])
-    assert 0.8 - tuner.min_step < t[0] <= 0.8 + 1e-12
+    assert 0.8 < t[0] < 0.803  # at the lowest confidences of right answers, to a step
     assert t[1] == SAFE_THRESHOLD  # every exit there would be wrong
     out = evaluate(fb, [0, 1], t, uniform_profile(2))
-    assert out.accuracy == 1.0 and out.exit_fraction[0] == pytest.approx(0.4)
+    assert out.accuracy == 1.0 and 0.4 - 2 / 500 <= out.exit_fraction[0] <= 0.4
+
+
+def test_tuner_resolves_confidences_packed_near_one():
+    # A confident ramp: every confidence above 0.999, wrong answers only in the lowest fifth.
+    # Fixed confidence steps of 0.01 cannot tell these apart; steps on levels can.
+    rng = np.random.default_rng(0)
+    conf = np.sort(1.0 - 10.0 ** rng.uniform(-9, -3, 1000))[::-1]
+    agree = np.arange(1000) < 800
+    fb = Feedback(conf[:, None], agree[:, None])
+    t = ThresholdTuner(uniform_profile(1), exit_prior=0.0).tune(fb, [0])
+    assert evaluate(fb, [0], t, uniform_profile(1)).exit_fraction[0] >= 0.8 - 1 / 512
+
+
+def test_exit_prior_charges_each_exiting_ramp_one_unseen_wrong_answer():
+    # 50 samples, all right at both ramps; a 1% constraint allows 0.5 wrong answers.
+    fb = Feedback(np.full((50, 2), 0.9), np.ones((50, 2), dtype=bool))
+    assert (ThresholdTuner(uniform_profile(2), exit_prior=1.0).tune(fb, [0, 1])
+            == SAFE_THRESHOLD).all()
+    assert ThresholdTuner(uniform_profile(2), exit_prior=0.0).tune(fb, [0, 1])[0] <= 0.9
+    # 1000 samples allow 10: one ramp (the cheaper in latency, the shallow one) opens and takes
+    # everyone; the deeper one, with nothing left to gain, stays closed.
+    fb = Feedback(np.full((1000, 2), 0.9), np.ones((1000, 2), dtype=bool))
+    t = ThresholdTuner(uniform_profile(2), exit_prior=1.0).tune(fb, [0, 1])
+    assert t[0] <= 0.9 and t[1] == SAFE_THRESHOLD
+    # With a start that already exits at both ramps, the prior is charged for both.
+    tuner = ThresholdTuner(uniform_profile(2), accuracy_constraint=0.0015, exit_prior=1.0)
+    assert (tuner.tune(fb, [0, 1], start=[0.95, 0.5]) <= 0.9).sum() == 1
 
 
 def test_tuner_spends_the_accuracy_budget_and_no_more():
@@ -228,8 +255,9 @@ def test_tuner_prefers_the_cheapest_accuracy_per_millisecond():
 
 
 def test_tuner_steps_double_on_success_and_halve_when_stuck():
-    tuner = ThresholdTuner(uniform_profile(2), min_step=0.01, initial_step=0.1)
-    result = tuner.tune_with_trace(ramp0_right_above_080(), [0, 1])
+    tuner = ThresholdTuner(uniform_profile(2), min_step=0.01, initial_step=0.1, exit_prior=0.0)
+    fb = ramp0_right_above_080()
+    result = tuner.tune_with_trace(fb, [0, 1])
     steps = np.full(2, tuner.initial_step)
     thresholds = np.full(2, SAFE_THRESHOLD)
     kinds = [r.kind for r in result.rounds]
@@ -237,43 +265,63 @@ def test_tuner_steps_double_on_success_and_halve_when_stuck():
     for r in result.rounds:
         if r.kind == "halve":
             np.testing.assert_allclose(r.steps, steps / 2)
-            np.testing.assert_array_equal(r.thresholds, thresholds)
+            np.testing.assert_array_equal(r.levels, thresholds)
         else:
             (i,) = r.ramps
             assert r.steps[i] == pytest.approx(min(2 * steps[i], 1.0))
-            assert r.thresholds[i] == pytest.approx(min(thresholds[i], 1.0) - steps[i])
-        steps, thresholds = r.steps, r.thresholds
+            assert r.levels[i] == pytest.approx(min(thresholds[i], 1.0) - steps[i])
+        steps, thresholds = r.steps, r.levels
     assert (steps < tuner.min_step).all()
-    np.testing.assert_array_equal(result.thresholds, thresholds)
+    # The returned confidence thresholds let exactly the samples at or above the levels exit.
+    levels = level_feedback(fb).confidence
+    np.testing.assert_array_equal(fb.confidence[:, 0] >= result.thresholds[0],
+                                  levels[:, 0] >= thresholds[0])
 
 
 def test_tuner_crosses_gaps_in_confidence():
-    # Every confidence sits below 0.4 and every exit is right: the first steps change nothing on
-    # the window, yet the tuner must keep going down until everyone exits.
-    conf = np.linspace(0.05, 0.35, 100)[:, None]
+    # Two tied blocks of confidences, every exit right: between their levels (0.5 and 1.0) a
+    # step changes nothing on the window, yet the tuner must keep going until everyone exits.
+    conf = np.repeat([0.9, 0.2], 50)[:, None]
     fb = Feedback(conf, np.ones((100, 1), dtype=bool))
-    result = ThresholdTuner(uniform_profile(1)).tune_with_trace(fb, [0])
-    assert result.rounds[0].kind == "gap"
-    assert result.thresholds[0] <= 0.05
+    result = ThresholdTuner(uniform_profile(1), exit_prior=0.0).tune_with_trace(fb, [0])
+    kinds = [r.kind for r in result.rounds]
+    assert kinds[0] == "move" and "gap" in kinds
+    assert result.thresholds[0] <= 0.2
 
 
 def test_tuner_leaves_ramps_nothing_reaches_alone():
     # Ramp 0 takes every sample, so the window says nothing about ramp 1: it stays safe.
     conf = np.full((50, 2), 0.9)
     fb = Feedback(conf, np.ones((50, 2), dtype=bool))
-    t = ThresholdTuner(uniform_profile(2)).tune(fb, [0, 1])
+    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0).tune(fb, [0, 1])
     assert t[0] <= 0.9 and t[1] == SAFE_THRESHOLD
 
 
+def level_feedback(fb: Feedback) -> Feedback:
+    """``fb`` with each confidence replaced by its level: the fraction of the column's finite
+    confidences that are <= it (NaN stays NaN)."""
+    conf = fb.confidence.copy()
+    for j in range(conf.shape[1]):
+        column = conf[:, j]
+        finite = ~np.isnan(column)
+        values = column[finite]
+        column[finite] = [(values <= v).sum() / values.size for v in values]
+    return Feedback(conf, fb.agree)
+
+
 def greedy_reference(tuner: ThresholdTuner, fb: Feedback, active: list[int]) -> np.ndarray:
-    """The tuner's search written the slow way: every candidate move replayed with ``evaluate``."""
+    """The tuner's search written the slow way: every candidate move replayed with ``evaluate`` on
+    the levels, then each level mapped to the lowest confidence that reaches it."""
+    original, fb = fb, level_feedback(fb)
     a, n, profile = len(active), fb.num_samples, tuner.profile
     t, steps = np.full(a, SAFE_THRESHOLD), np.full(a, tuner.initial_step)
     need = (1 - tuner.accuracy_constraint) * n - 1e-9
 
     def replay(th: np.ndarray) -> tuple[np.ndarray, float, float]:
         out = evaluate(fb, active, th, profile)
-        return exit_site_per_sample(fb, active, th), out.accuracy * n, out.mean_latency_ms * n
+        exits = exit_site_per_sample(fb, active, th)
+        charged = tuner.exit_prior * np.unique(exits[exits < a]).size
+        return exits, out.accuracy * n - charged, out.mean_latency_ms * n
 
     while (steps >= tuner.min_step).any():
         exits, ok, lat = replay(t)
@@ -306,7 +354,12 @@ def greedy_reference(tuner: ThresholdTuner, fb: Feedback, active: list[int]) -> 
                 steps[i] = min(2 * steps[i], 1.0)
         else:
             steps /= 2
-    return t
+    thresholds = np.full(a, SAFE_THRESHOLD)
+    for i, site in enumerate(active):
+        reached = fb.confidence[:, site] >= t[i]
+        if np.isfinite(t[i]) and reached.any():
+            thresholds[i] = original.confidence[reached, site].min()
+    return thresholds
 
 
 @pytest.mark.parametrize("seed", range(12))
