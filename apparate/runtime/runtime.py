@@ -64,7 +64,9 @@ class Runtime:
     of the unmodified model's; window: feedback rows the tuner sees; adjust_every: feedback rows
     between ramp-set decisions; batch_size: the batch size the latency profile is taken at
     (the typical batch of the serving loop); min_feedback: feedback rows needed before any ramp
-    may exit; tuning_margin: thresholds are tuned to ``accuracy_constraint * tuning_margin`` on
+    may exit (default: 128 in release mode; half the window in compact mode, where once exits
+    start only ``feedback_fraction`` of the rows still give feedback, so the window must hold
+    enough rows before then); tuning_margin: thresholds are tuned to ``accuracy_constraint * tuning_margin`` on
     the window, while a violation is the constraint itself broken on the latest
     ``adjust_every`` rows.
     """
@@ -73,8 +75,8 @@ class Runtime:
                  ramp_budget: float = 0.02, mode: str = "release", feedback_fraction: float = 0.1,
                  device: str | torch.device | None = None, window: int = 1024,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
-                 profile_cache=None, background: bool = True, min_feedback: int = 128,
-                 tuning_margin: float = 0.3, seed: int = 0):
+                 profile_cache=None, background: bool = True, min_feedback: int | None = None,
+                 tuning_margin: float = 0.25, seed: int = 0):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
         if mode not in MODES:
@@ -93,6 +95,8 @@ class Runtime:
         self.monitor = ThresholdTuner(self.latency, accuracy_constraint)
         self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every)
         self.window = FeedbackWindow(len(ee.sites), window)
+        if min_feedback is None:
+            min_feedback = window // 2 if mode == "compact" else 128
         self.min_feedback = min(min_feedback, window)
         self.history: list[ConfigChange] = []
         self._lock = threading.Lock()
@@ -188,9 +192,11 @@ class Runtime:
         self.history.append(change)
 
     def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
-        """Ramps spread evenly over the sites, as many as the budget allows (at most four)."""
+        """Ramps spread evenly over the sites, as many as the budget allows (at most two: every
+        ramp that exits is charged an unseen wrong answer by the tuner, so a 1024-row window at
+        a 1% constraint pays for few; the adjuster adds more when they all pay off)."""
         sites = len(self.ee.sites)
-        for count in range(min(4, sites), 0, -1):
+        for count in range(min(2, sites), 0, -1):
             chosen = tuple(sorted({round((i + 1) * sites / (count + 1)) - 1 for i in range(count)}))
             if self.latency.ramp_overhead(chosen) <= ramp_budget:
                 return chosen
@@ -241,7 +247,10 @@ class Runtime:
                 thresholds = self.tuner.tune(feedback, active, start=thresholds)
                 reason = "tuned"
                 self._needs_tune = feedback.num_samples < self.window.capacity // 2
-        if self._retune_at is None and self.adjuster.due(since_adjust):
+        # The adjuster judges ramps by their exits, so it waits until the window is half full:
+        # before that the tuner is still too unsure to open ramps that will pay off later.
+        settled = feedback.num_samples >= self.window.capacity // 2
+        if self._retune_at is None and settled and self.adjuster.due(since_adjust):
             decision = self.adjuster.decide(feedback, active, thresholds)
             with self._lock:
                 self._since_adjust = 0
