@@ -49,8 +49,11 @@ def say(message: str) -> None:
 
 def _ramps(workload, progress: bool):
     ee = apparate.prepare(workload.model, workload.example_inputs)
-    sites = hashlib.sha256(json.dumps([s.name for s in ee.sites]).encode()).hexdigest()[:8]
-    path = cache_dir() / "ramps" / f"{workload.name}-{ee.fingerprint[:16]}-{sites}.safetensors"
+    # Keyed by the backbone, the sites and the training inputs: any of them changing retrains.
+    key = hashlib.sha256(json.dumps([s.name for s in ee.sites]).encode())
+    for tensor in workload.train_inputs:
+        key.update(tensor.contiguous().numpy().tobytes())
+    path = cache_dir() / "ramps" / f"{workload.name}-{ee.fingerprint[:16]}-{key.hexdigest()[:8]}.safetensors"
     if path.exists():
         say(f"ramps: loaded from {path}")
         return apparate.load(str(path), workload.model, workload.example_inputs)

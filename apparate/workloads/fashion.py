@@ -179,6 +179,14 @@ def _train_and_cache(progress: bool) -> dict:
     return record
 
 
+def augmented(images: Tensor, shift: int = 2) -> Tensor:
+    """``images`` (N, 1, 28, 28), their mirror images and their shifts by ``shift`` pixels in
+    each of four directions: 6N images. Ramps learn from the model's answers on these, so
+    the first tenth of the stream goes further (an item's class survives a flip or a shift)."""
+    moved = [torch.roll(images, offset, dims) for offset in (shift, -shift) for dims in (2, 3)]
+    return torch.cat([images, images.flip(3), *moved])
+
+
 def load_fashion_workload(progress: bool = True) -> Workload:
     from apparate.data import load_fashion_mnist
 
@@ -189,7 +197,7 @@ def load_fashion_workload(progress: bool = True) -> Workload:
     return Workload(
         name=NAME,
         model=model,
-        train_inputs=(inputs[:ramp_count],),
+        train_inputs=(augmented(inputs[:ramp_count]),),
         stream_inputs=(inputs[ramp_count:],),
         example_inputs=(inputs[:EXAMPLE_BATCH].clone(),),
         arrival="poisson",
@@ -198,6 +206,6 @@ def load_fashion_workload(progress: bool = True) -> Workload:
             f"Fashion-MNIST test split through a ResNet-style CNN (stem + {len(WIDTHS)} residual "
             f"blocks, {WIDTHS[0]}->{WIDTHS[-1]} channels) trained here for {RECIPE['epochs']} "
             f"epochs ({record['test_accuracy']:.1%} test accuracy); ramps train on the first "
-            f"{ramp_count:,} test images, the other {len(inputs) - ramp_count:,} arrive as a "
+            f"{ramp_count:,} test images (with their mirror images and 2-pixel shifts), the other {len(inputs) - ramp_count:,} arrive as a "
             f"Poisson stream. Inputs: (N, 1, 28, 28) float32, normalised."),
     )

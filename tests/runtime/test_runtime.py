@@ -71,7 +71,8 @@ def test_bad_arguments(setup, kwargs, match):
 def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path):
     ee, stream, _ = setup
     rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
-                          profile_cache=tmp_path, background=False, window=1024, min_feedback=32)
+                          profile_cache=tmp_path, background=False, window=1024, min_feedback=32,
+                          tuning_margin=0.5)
     sites = len(ee.sites)
     active = (0, 2)
     rt._apply(apparate.runtime.runtime.ConfigChange(active, np.array([0.5, 0.5]), "test"))

@@ -88,8 +88,11 @@ def test_vanilla_and_runtime_engines_answer_like_the_model(tmp_path):
     assert (log.prediction == vanilla).all()
     ee = apparate.prepare(model, stream[:4])
     ee.train_ramps(_separable(300), epochs=5, progress=False)
-    with apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:4],),
-                          profile_cache=tmp_path, min_feedback=32) as runtime:
+    # A 5% constraint: 400 requests are too few to open a ramp at 1% (the tuner charges each
+    # exiting ramp an unseen wrong answer).
+    with apparate.Runtime(ee, accuracy_constraint=0.05, ramp_budget=0.5,
+                          example_inputs=(stream[:4],), profile_cache=tmp_path,
+                          min_feedback=32) as runtime:
         log = serve(RuntimeEngine(runtime), (stream,), arrivals, BatchingConfig(8, 2.0))
-    assert (log.prediction == vanilla).mean() >= 0.98
+    assert (log.prediction == vanilla).mean() >= 0.95
     assert (log.exit_site >= 0).any(), "some requests should leave at a ramp"

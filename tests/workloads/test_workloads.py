@@ -156,9 +156,13 @@ def fashion() -> Workload:
 def test_fashion_workload_splits_the_test_set(fashion):
     (train,), (stream,), (example,) = (fashion.train_inputs, fashion.stream_inputs,
                                        fashion.example_inputs)
-    assert train.shape == (1000, 1, 28, 28) and stream.shape == (9000, 1, 28, 28)
+    # The first 1,000 test images train the ramps, with their mirror images and four shifts.
+    assert train.shape == (6000, 1, 28, 28) and stream.shape == (9000, 1, 28, 28)
     assert train.dtype == stream.dtype == torch.float32
-    torch.testing.assert_close(example, train[:8], rtol=0, atol=0)
+    originals = train[:1000]
+    torch.testing.assert_close(example, originals[:8], rtol=0, atol=0)
+    torch.testing.assert_close(train[1000:2000], originals.flip(3), rtol=0, atol=0)
+    torch.testing.assert_close(train[2000:3000], originals.roll(2, 2), rtol=0, atol=0)
     # Normalised with the training split's statistics: near zero mean, unit spread.
     assert abs(float(stream.mean())) < 0.05 and 0.9 < float(stream.std()) < 1.1
     assert (fashion.arrival, fashion.rate_hz) == ("poisson", None)
