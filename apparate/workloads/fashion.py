@@ -1,6 +1,6 @@
 """cv-fashion: a small ResNet trained here on Fashion-MNIST, serving the test split.
 
-No pretrained Fashion-MNIST classifier installs offline, so the first call trains one (about three
+No pretrained Fashion-MNIST classifier installs offline, so the first call trains one (about two
 minutes on two threads) and caches it; later calls load it.
 """
 
@@ -20,10 +20,14 @@ from apparate.workloads import Workload, _setup
 NAME = "cv-fashion"
 # Pixel mean and std of the training split, pixels scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
-WIDTHS = (16, 16, 32, 32, 64, 64, 128)
+# A stride-2 stem: the blocks run at 14x14, 7x7 and 4x4, so they can be twice as wide for the
+# same cost, and the pooled features early ramps see are richer (32 channels, not 16).
+WIDTHS = (32, 32, 64, 64, 128, 128, 128)
+STEM_STRIDE = 2
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "widths": list(WIDTHS),
+    "stem_stride": STEM_STRIDE,
     "mean": MEAN,
     "std": STD,
     "epochs": 2,
@@ -69,15 +73,16 @@ class BasicBlock(nn.Module):
 
 
 class FashionResNet(nn.Module):
-    """Stem (conv 1->16, BN, ReLU), one BasicBlock per entry of ``widths`` (stride 2 where the
-    width grows), global average pool, linear head.
+    """Stem (conv 1->widths[0] with stride ``stem_stride``, BN, ReLU), one BasicBlock per entry
+    of ``widths`` (stride 2 where the width grows), global average pool, linear head.
 
     forward: images (B, 1, 28, 28), normalised with MEAN and STD -> logits (B, num_classes).
     """
 
-    def __init__(self, widths: tuple[int, ...] = WIDTHS, num_classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, ...] = WIDTHS, num_classes: int = 10,
+                 stem_stride: int = STEM_STRIDE) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, channels = [], widths[0]
         for width in widths:
@@ -107,7 +112,7 @@ def trained_fashion_cnn(progress: bool = True) -> tuple[FashionResNet, dict]:
                 record = _train_and_cache(progress)
     from safetensors.torch import load_file
 
-    model = FashionResNet(tuple(RECIPE["widths"]))
+    model = FashionResNet(tuple(RECIPE["widths"]), stem_stride=RECIPE["stem_stride"])
     model.load_state_dict(load_file(weights), strict=True)
     return model.eval(), record
 
@@ -136,7 +141,7 @@ def _train_and_cache(progress: bool) -> dict:
     steps_per_epoch = math.ceil(len(inputs) / batch)
     started = time.perf_counter()
     with _setup.training_setup(RECIPE["seed"], RECIPE["threads"]):
-        model = FashionResNet(tuple(RECIPE["widths"]))
+        model = FashionResNet(tuple(RECIPE["widths"]), stem_stride=RECIPE["stem_stride"])
         optimizer = torch.optim.SGD(model.parameters(), lr=RECIPE["max_lr"],
                                     momentum=RECIPE["momentum"], nesterov=RECIPE["nesterov"],
                                     weight_decay=RECIPE["weight_decay"])
@@ -203,8 +208,8 @@ def load_fashion_workload(progress: bool = True) -> Workload:
         arrival="poisson",
         rate_hz=None,
         description=(
-            f"Fashion-MNIST test split through a ResNet-style CNN (stem + {len(WIDTHS)} residual "
-            f"blocks, {WIDTHS[0]}->{WIDTHS[-1]} channels) trained here for {RECIPE['epochs']} "
+            f"Fashion-MNIST test split through a ResNet-style CNN (stride-{STEM_STRIDE} stem + "
+            f"{len(WIDTHS)} residual blocks, {WIDTHS[0]}->{WIDTHS[-1]} channels) trained here for {RECIPE['epochs']} "
             f"epochs ({record['test_accuracy']:.1%} test accuracy); ramps train on the first "
             f"{ramp_count:,} test images (with their mirror images and 2-pixel shifts), the other {len(inputs) - ramp_count:,} arrive as a "
             f"Poisson stream. Inputs: (N, 1, 28, 28) float32, normalised."),

@@ -28,7 +28,7 @@ def test_fashion_cnn_architecture_on_random_input():
     model = FashionResNet().eval()
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) >= 7
-    assert [b.conv2.out_channels for b in blocks][0] == 16
+    assert [b.conv2.out_channels for b in blocks][0] == 32
     assert blocks[-1].conv2.out_channels == 128
     images = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
@@ -51,8 +51,8 @@ def test_fashion_cnn_downsamples_where_it_widens():
         for block in model.blocks:
             x = block(x)
             shapes.append(tuple(x.shape[1:]))
-    assert shapes == [(16, 28, 28), (16, 28, 28), (32, 14, 14), (32, 14, 14), (64, 7, 7),
-                      (64, 7, 7), (128, 4, 4)]
+    assert shapes == [(32, 14, 14), (32, 14, 14), (64, 7, 7), (64, 7, 7), (128, 4, 4),
+                      (128, 4, 4), (128, 4, 4)]
     assert isinstance(model.blocks[0].shortcut, torch.nn.Identity)
     assert not isinstance(model.blocks[2].shortcut, torch.nn.Identity)
 
