@@ -192,12 +192,14 @@ class Runtime:
         self.history.append(change)
 
     def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
-        """Ramps spread evenly over the sites, as many as the budget allows (at most two: every
-        ramp that exits is charged an unseen wrong answer by the tuner, so a 1024-row window at
-        a 1% constraint pays for few; the adjuster adds more when they all pay off)."""
-        sites = len(self.ee.sites)
-        for count in range(min(2, sites), 0, -1):
-            chosen = tuple(sorted({round((i + 1) * sites / (count + 1)) - 1 for i in range(count)}))
+        """Ramps spread evenly over the model's latency (the sites nearest to 1/3 and 2/3 of
+        it), as many as the budget allows, at most two: every ramp that exits is charged an
+        unseen wrong answer by the tuner, so a 1024-row window at a 1% constraint pays for few;
+        the adjuster adds more when they all pay off."""
+        shares = np.cumsum(self.latency.segment_ms[:-1]) / self.latency.vanilla_ms
+        for count in range(min(2, shares.size), 0, -1):
+            targets = np.arange(1, count + 1) / (count + 1)
+            chosen = tuple(sorted({int(np.abs(shares - t).argmin()) for t in targets}))
             if self.latency.ramp_overhead(chosen) <= ramp_budget:
                 return chosen
         return ()

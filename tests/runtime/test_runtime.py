@@ -99,3 +99,19 @@ def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path
     rt.control_step()
     assert rt._staged.reason == "re-tuned after zeroing"
     assert 0.9 < rt._staged.thresholds[0] <= 0.95, "ramp 0 exits again, only where it is right"
+
+
+def test_initial_ramps_split_the_latency_in_thirds(setup, tmp_path):
+    ee, stream, _ = setup
+    rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
+                          profile_cache=tmp_path, background=False)
+    assert len(ee.sites) == 5
+    # Sites at 1, 2, 3, 9, 10 ms of 12: 4 ms (1/3) is nearest site 2, 8 ms (2/3) nearest site 3,
+    # where splitting the site count would give sites 1 and 2.
+    profile = apparate.runtime.latency.LatencyProfile
+    rt.latency = profile((1.0, 1.0, 1.0, 6.0, 1.0, 2.0), (0.0,) * 5)
+    assert rt._initial_active(0.5) == (2, 3)
+    # One ramp when the budget pays for one only; none when it pays for none.
+    rt.latency = profile((1.0, 1.0, 1.0, 6.0, 1.0, 2.0), (0.12,) * 5)
+    assert rt._initial_active(0.015) == (2,)
+    assert rt._initial_active(0.005) == ()
