@@ -87,7 +87,10 @@ class ThresholdTuner:
     exit_prior: wrong answers charged to every ramp that lets samples exit, on top of those it
     makes on the window. The search stops each threshold just short of a wrong answer it saw, so
     the samples that come next fare worse than the window did; charging each exiting ramp one
-    unseen wrong answer (a Laplace-style correction) keeps that optimism in check.
+    unseen wrong answer (a Laplace-style correction) keeps that optimism in check;
+    min_exits: a closed ramp opens only with a move that makes at least this many window
+    samples exit there (a threshold resting on a handful of samples, such as a few frames of one
+    video scene, says little about the samples that come next).
     """
 
     profile: LatencyProfile
@@ -95,11 +98,14 @@ class ThresholdTuner:
     min_step: float = 1 / 512
     initial_step: float = 0.1
     exit_prior: float = 1.0
+    min_exits: int = 16
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.accuracy_constraint < 1.0:
             raise ValueError(f"accuracy_constraint: expected a fraction in [0, 1), "
                              f"got {self.accuracy_constraint}")
+        if self.min_exits < 1:
+            raise ValueError(f"min_exits: expected >= 1, got {self.min_exits}")
         if not self.exit_prior >= 0.0:
             raise ValueError(f"exit_prior: expected >= 0, got {self.exit_prior}")
         if not 0.0 < self.min_step <= self.initial_step:
@@ -184,7 +190,8 @@ class ThresholdTuner:
             opens = (moved > 0) & ~(exit_pos[None, :] == ramp_pos).any(axis=1)
             d_ok = d_ok - self.exit_prior * opens
             candidate = has_room & (steps >= self.min_step)
-            feasible = candidate & (moved > 0) & (ok_count + d_ok >= need)
+            feasible = (candidate & (moved > 0) & (ok_count + d_ok >= need)
+                        & (~opens | (moved >= self.min_exits)))
             if feasible.any():
                 idx = np.flatnonzero(feasible)
                 ratio = -d_ok[idx] / np.maximum(gain[idx], _EPS)

@@ -289,6 +289,21 @@ def test_tuner_crosses_gaps_in_confidence():
     assert result.thresholds[0] <= 0.2
 
 
+def test_a_ramp_opens_only_on_enough_exits():
+    # Ramp 0: 10 confident right answers above 200 unsure wrong ones; ramp 1: 40 confident right.
+    conf = np.zeros((240, 2))
+    agree = np.zeros((240, 2), dtype=bool)
+    conf[:10, 0], agree[:10, 0] = 0.99, True
+    conf[10:210, 0] = np.linspace(0.1, 0.5, 200)
+    conf[:40, 1], agree[:40, 1] = 0.95, True
+    fb = Feedback(conf, agree)
+    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0, min_exits=16).tune(fb, [0, 1])
+    assert t[0] == SAFE_THRESHOLD, "10 exits are too few to open ramp 0"
+    assert t[1] <= 0.95
+    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0, min_exits=8).tune(fb, [0, 1])
+    assert t[0] <= 0.99, "with min_exits=8 the same 10 exits open it"
+
+
 def test_tuner_leaves_ramps_nothing_reaches_alone():
     # Ramp 0 takes every sample, so the window says nothing about ramp 1: it stays safe.
     conf = np.full((50, 2), 0.9)
@@ -336,9 +351,11 @@ def greedy_reference(tuner: ThresholdTuner, fb: Feedback, active: list[int]) -> 
             moved = t.copy()
             moved[i] = max(min(t[i], 1.0) - steps[i], 0.0)
             exits2, ok2, lat2 = replay(moved)
+            opening = not (exits == i).any()
+            newcomers = int(((exits2 == i) & (exits != i)).sum())
             if (exits2 == exits).all():
                 gaps.append(i)
-            elif ok2 >= need - 1e-6:
+            elif ok2 >= need - 1e-6 and not (opening and newcomers < tuner.min_exits):
                 gain, loss = lat - lat2, ok - ok2
                 key = (round(loss / max(gain, 1e-9), 9), -round(gain, 9), i)
                 if best is None or key < best[0]:
