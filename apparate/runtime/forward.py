@@ -67,11 +67,10 @@ class PendingBatch:
     ``final`` is (prediction, origin, count) of the final head, or None when no row reached it.
     """
 
-    def __init__(self, batch: int, sites: int, mode: str, on_release: ReleaseCallback | None,
+    def __init__(self, batch: int, sites: int, on_release: ReleaseCallback | None,
                  feedback: np.ndarray):
         self.batch = batch
         self.sites = sites
-        self.mode = mode
         self.on_release = on_release
         self.feedback = feedback
         self.releases: list[tuple[int, DeviceToHost]] = []
@@ -195,7 +194,7 @@ class EarlyExitForward:
             feedback = self.rng.random(batch) < self.feedback_fraction
         else:
             feedback = np.ones(batch, dtype=bool)
-        pending = PendingBatch(batch, len(self.ee.sites), self.mode, on_release, feedback)
+        pending = PendingBatch(batch, len(self.ee.sites), on_release, feedback)
         # Compact mode carries, per position of the view: the original row, whether the row has
         # exited, and whether it keeps running as feedback; compacted with the state.
         meta = positions = alive = count = count_slot = None

@@ -14,12 +14,14 @@ a step of 0.01 always moves about 1% of the samples. The tuned levels are mapped
 confidence thresholds (the lowest window confidence at or above the level) for ``ramp_exit``.
 
 Two cases the paper leaves open, decided here:
-- a move that changes no sample's exit on this window (a gap in the ramp's confidences) is taken
+- a move that changes no sample's exit on this window (a gap between the levels its samples
+  have, as tied confidences leave) is taken
   only when no move that does change exits is feasible, and only for ramps that still have
   samples passing them with a finite confidence below the threshold (so thresholds do not drift
   down where the window says nothing);
-- a ``start`` that already breaks the constraint on this window is dropped for the safe point, so
-  the returned thresholds always meet the constraint on the window they were tuned on.
+- a ``start`` that already breaks the constraint on this window (wrong answers plus
+  ``exit_prior`` per exiting ramp) is dropped for the safe point, so the returned thresholds
+  always meet the constraint on the window they were tuned on.
 """
 
 from __future__ import annotations

@@ -94,9 +94,19 @@ def _oracle(ee, stream, vanilla: ServeLog, profile):
     return oracle_ms
 
 
+def _served(log: ServeLog, saturated: list[float]) -> dict:
+    """Latency of one side's stream run and its throughput over the saturated runs."""
+    return {
+        "p50_ms": float(np.median(log.latency_ms)),
+        "p95_ms": float(np.percentile(log.latency_ms, 95)),
+        "throughput_rps": float(np.median(saturated)),
+        "throughput_runs_rps": saturated,
+        "served_rps": log.throughput_rps,
+    }
+
+
 def _summary(cfg, vanilla: ServeLog, app: ServeLog, sat_vanilla: list[float],
-             sat_app: list[float], oracle_ms, latency,
-             sites):
+             sat_app: list[float], oracle_ms, latency, sites):
     agreement = app.prediction == vanilla.prediction
     windows = [agreement[i:i + cfg.window].mean() for i in range(0, len(agreement), cfg.window)
                if len(agreement[i:i + cfg.window]) == cfg.window]
@@ -111,19 +121,9 @@ def _summary(cfg, vanilla: ServeLog, app: ServeLog, sat_vanilla: list[float],
         "workload": cfg.workload,
         "mode": cfg.mode,
         "requests": int(len(agreement)),
-        "vanilla": {
-            "p50_ms": float(np.median(vanilla.latency_ms)),
-            "p95_ms": float(np.percentile(vanilla.latency_ms, 95)),
-            "throughput_rps": float(np.median(sat_vanilla)),
-            "throughput_runs_rps": sat_vanilla,
-            "served_rps": vanilla.throughput_rps,
-        },
+        "vanilla": _served(vanilla, sat_vanilla),
         "apparate": {
-            "p50_ms": float(np.median(app.latency_ms)),
-            "p95_ms": float(np.percentile(app.latency_ms, 95)),
-            "throughput_rps": float(np.median(sat_app)),
-            "throughput_runs_rps": sat_app,
-            "served_rps": app.throughput_rps,
+            **_served(app, sat_app),
             "agreement": float(agreement.mean()),
             "windows_within_constraint": float(np.mean(
                 [w >= 1 - cfg.accuracy_constraint for w in windows])) if windows else 1.0,

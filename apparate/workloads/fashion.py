@@ -209,8 +209,9 @@ def load_fashion_workload(progress: bool = True) -> Workload:
         rate_hz=None,
         description=(
             f"Fashion-MNIST test split through a ResNet-style CNN (stride-{STEM_STRIDE} stem + "
-            f"{len(WIDTHS)} residual blocks, {WIDTHS[0]}->{WIDTHS[-1]} channels) trained here for {RECIPE['epochs']} "
-            f"epochs ({record['test_accuracy']:.1%} test accuracy); ramps train on the first "
-            f"{ramp_count:,} test images (with their mirror images and 2-pixel shifts), the other {len(inputs) - ramp_count:,} arrive as a "
-            f"Poisson stream. Inputs: (N, 1, 28, 28) float32, normalised."),
+            f"{len(WIDTHS)} residual blocks, {WIDTHS[0]}->{WIDTHS[-1]} channels) trained here "
+            f"for {RECIPE['epochs']} epochs ({record['test_accuracy']:.1%} test accuracy); "
+            f"ramps train on the first {ramp_count:,} test images (with their mirror images "
+            f"and 2-pixel shifts), the other {len(inputs) - ramp_count:,} arrive as a Poisson "
+            f"stream. Inputs: (N, 1, 28, 28) float32, normalised."),
     )
