@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,7 +34,6 @@ ReleaseCallback = Callable[[np.ndarray, np.ndarray, int, float], None]
 known; site is the exiting ramp's site index, or -1 for the final head; time is perf_counter."""
 
 
-@dataclass
 class BatchOutcome:
     """Per original row of one batch (host arrays). S = number of candidate sites.
 
@@ -46,16 +44,59 @@ class BatchOutcome:
     the batch without reaching the final head); feedback (B,): rows that form an unbiased sample
     for the monitor (every row in release mode; the rows marked to keep running in compact mode,
     whether or not they exited).
+
+    The arrays are assembled from the batch's outputs when one of them is first read: releasing
+    answers does not need them, so the serving thread can hand the outcome to the controller,
+    which reads them beside serving. Reading from several threads is safe (the assembly is
+    idempotent).
     """
 
-    prediction: np.ndarray
-    exit_site: np.ndarray
-    confidence: np.ndarray
-    release_time: np.ndarray
-    site_confidence: np.ndarray
-    site_prediction: np.ndarray
-    final_prediction: np.ndarray
-    feedback: np.ndarray
+    def __init__(self, ramps: list[tuple], final: np.ndarray, release_time: np.ndarray,
+                 feedback: np.ndarray, sites: int):
+        self._ramps = ramps
+        self.final_prediction = final
+        self.release_time = release_time
+        self._feedback = feedback
+        self._sites = sites
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def _assemble(self) -> dict[str, np.ndarray]:
+        if self._arrays is not None:
+            return self._arrays
+        batch, final = self.final_prediction.shape[0], self.final_prediction
+        exit_site = np.full(batch, -1, dtype=np.int64)
+        exit_prediction = np.zeros(batch, dtype=np.int64)
+        exit_confidence = np.full(batch, np.nan, dtype=np.float32)
+        site_confidence = np.full((batch, self._sites), np.nan, dtype=np.float32)
+        site_prediction = np.full((batch, self._sites), -1, dtype=np.int64)
+        for site, confidence, prediction, exit_mask, origin, count in self._ramps:
+            rows, live = _rows(origin, count, confidence.shape[0])
+            confidence = confidence.cpu().numpy()[live]
+            prediction = prediction.cpu().numpy()[live]
+            exited = exit_mask.cpu().numpy()[live]
+            site_confidence[rows, site] = confidence
+            site_prediction[rows, site] = prediction
+            first = exited & (exit_site[rows] < 0)
+            exit_site[rows[first]] = site
+            exit_prediction[rows[first]] = prediction[first]
+            exit_confidence[rows[first]] = confidence[first]
+        exited = exit_site >= 0
+        self._arrays = {
+            "prediction": np.where(exited, exit_prediction, final),
+            "exit_site": exit_site,
+            "confidence": exit_confidence,
+            "site_confidence": site_confidence,
+            "site_prediction": site_prediction,
+            "feedback": self._feedback & (final >= 0),
+        }
+        return self._arrays
+
+    prediction = property(lambda self: self._assemble()["prediction"])
+    exit_site = property(lambda self: self._assemble()["exit_site"])
+    confidence = property(lambda self: self._assemble()["confidence"])
+    site_confidence = property(lambda self: self._assemble()["site_confidence"])
+    site_prediction = property(lambda self: self._assemble()["site_prediction"])
+    feedback = property(lambda self: self._assemble()["feedback"])
 
 
 class PendingBatch:
@@ -77,72 +118,51 @@ class PendingBatch:
         self.ramps: list[tuple] = []
         self.final: tuple | None = None
         self.release_time = np.full(batch, np.nan)
+        self.unreleased = np.ones(batch, dtype=bool)
 
     def poll(self) -> None:
-        """Release every exit whose values have arrived; never waits."""
+        """Release every exit whose values have arrived; never waits. A row is released once:
+        rows that exited earlier still run (release mode, feedback rows) and may exit again."""
         still = []
         for site, slot in self.releases:
             value = slot.poll()
             if value is None:
                 still.append((site, slot))
                 continue
-            now = time.perf_counter()
             exited, predictions = value[0], value[1]
             if len(value) == 3:  # compact mode: positions of the view -> original rows
                 positions = np.flatnonzero(exited)
                 rows = value[2][positions]
+                fresh = self.unreleased[rows]
+                rows, positions = rows[fresh], positions[fresh]
             else:
-                rows = positions = np.flatnonzero(exited)
-            fresh = np.isnan(self.release_time[rows])
-            rows, predictions = rows[fresh], predictions[positions[fresh]]
-            self.release_time[rows] = now
-            if self.on_release is not None and rows.size:
-                self.on_release(rows, predictions, site, now)
+                rows = positions = np.flatnonzero(exited & self.unreleased)
+            if rows.size:
+                now = time.perf_counter()
+                self.unreleased[rows] = False
+                self.release_time[rows] = now
+                if self.on_release is not None:
+                    self.on_release(rows, predictions[positions], site, now)
         self.releases = still
 
     def wait(self) -> BatchOutcome:
         """Finish the batch (this does wait for the device) and release what is left."""
-        batch, sites = self.batch, self.sites
-        exit_site = np.full(batch, -1, dtype=np.int64)
-        exit_prediction = np.zeros(batch, dtype=np.int64)
-        exit_confidence = np.full(batch, np.nan, dtype=np.float32)
-        site_confidence = np.full((batch, sites), np.nan, dtype=np.float32)
-        site_prediction = np.full((batch, sites), -1, dtype=np.int64)
-        for site, confidence, prediction, exit_mask, origin, count in self.ramps:
-            rows, live = _rows(origin, count, confidence.shape[0])
-            confidence = confidence.cpu().numpy()[live]
-            prediction = prediction.cpu().numpy()[live]
-            exited = exit_mask.cpu().numpy()[live]
-            site_confidence[rows, site] = confidence
-            site_prediction[rows, site] = prediction
-            first = exited & (exit_site[rows] < 0)
-            exit_site[rows[first]] = site
-            exit_prediction[rows[first]] = prediction[first]
-            exit_confidence[rows[first]] = confidence[first]
-        final = np.full(batch, -1, dtype=np.int64)
-        if self.final is not None:
-            prediction, origin, count = self.final
-            rows, live = _rows(origin, count, prediction.shape[0])
-            final[rows] = prediction.cpu().numpy()[live]
+        if self.final is not None and self.final[1] is None and self.final[2] is None:
+            final = self.final[0].cpu().numpy()  # every row reached the final head, in order
+        else:
+            final = np.full(self.batch, -1, dtype=np.int64)
+            if self.final is not None:
+                prediction, origin, count = self.final
+                rows, live = _rows(origin, count, prediction.shape[0])
+                final[rows] = prediction.cpu().numpy()[live]
         while self.releases:
             self.poll()
         now = time.perf_counter()
-        left = np.isnan(self.release_time)
-        if self.on_release is not None and left.any():
-            rows = np.flatnonzero(left)
-            self.on_release(rows, final[rows], -1, now)
+        left = np.flatnonzero(self.unreleased)
+        if self.on_release is not None and left.size:
+            self.on_release(left, final[left], -1, now)
         self.release_time[left] = now
-        exited = exit_site >= 0
-        return BatchOutcome(
-            prediction=np.where(exited, exit_prediction, final),
-            exit_site=exit_site,
-            confidence=exit_confidence,
-            release_time=self.release_time,
-            site_confidence=site_confidence,
-            site_prediction=site_prediction,
-            final_prediction=final,
-            feedback=self.feedback & (final >= 0),
-        )
+        return BatchOutcome(self.ramps, final, self.release_time, self.feedback, self.sites)
 
 
 def _rows(origin: Tensor | None, count: Tensor | None, view: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,11 +254,12 @@ class EarlyExitForward:
             for tensor in state:
                 apparate.compact_rows(tensor, keep, tensor, index_out=scratch,
                                       count_out=torch.empty_like(count))
-            alive = positions < count
             count_slot = DeviceToHost(count)
             pending.poll()
             live = count_slot.poll()
-            if live is not None:  # shrink the view to the live rows now that it is known
+            if live is None:  # later segments run on the stale view, its dead rows masked
+                alive = positions < count
+            else:  # shrink the view to the live rows now that it is known
                 n = int(live[0][0])
                 state = tuple(t[:n] for t in state)
                 meta, positions = meta[:n], positions[:n]

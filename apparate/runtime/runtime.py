@@ -12,6 +12,7 @@ the serving thread applies between batches, so a batch always runs with one cons
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -109,6 +110,8 @@ class Runtime:
         self._since_control = 0
         self._needs_tune = True
         self._wake = threading.Event()
+        self._inbox: collections.deque[tuple[BatchOutcome, bool]] = collections.deque()
+        self._waiting_rows = 0
         self._stop = threading.Event()
         self._apply(ConfigChange(self._initial_active(ramp_budget), np.zeros(0), "start"))
         self._thread = None
@@ -145,18 +148,28 @@ class Runtime:
         site, when)`` (see ``forward.ReleaseCallback``); the serving loop's entry point."""
         inputs = tuple(t.to(self.device) for t in inputs)
         self._apply_staged()
+        could_exit = self._could_exit
         outcome = self.forward(*inputs, on_release=on_release)
-        self._record(outcome)
+        if self._thread is None:
+            if self._record(outcome, could_exit):
+                self.control_step()
+            return outcome
+        # The controller assembles and records the outcome beside serving; it is woken once
+        # enough rows wait for it (or at once while the first tuning is pending).
+        self._inbox.append((outcome, could_exit))
+        self._waiting_rows += len(outcome.release_time)
+        if self._waiting_rows >= CONTROL_EVERY or self._needs_tune:
+            self._waiting_rows = 0
+            self._wake.set()
         return outcome
 
-    def _record(self, outcome: BatchOutcome) -> None:
+    def _record(self, outcome: BatchOutcome, could_exit: bool) -> bool:
+        """Add a batch's feedback rows to the window; True when a controller step is due."""
         # While nothing can exit, every row reaches the final head whatever its confidence, so
         # all of them are an unbiased sample, in compact mode too.
-        rows = outcome.feedback
-        if not np.isfinite(self._thresholds).any():
-            rows = outcome.final_prediction >= 0
+        rows = outcome.feedback if could_exit else outcome.final_prediction >= 0
         if not rows.any():
-            return
+            return False
         final = outcome.final_prediction[rows]
         self.window.record(outcome.site_confidence[rows],
                            outcome.site_prediction[rows] == final[:, None])
@@ -166,12 +179,7 @@ class Runtime:
             due = self._since_control >= CONTROL_EVERY or self._needs_tune
             if due:
                 self._since_control = 0
-        if not due:
-            return  # the controller looks every CONTROL_EVERY rows, not at every small batch
-        if self._thread is None:
-            self.control_step()
-        else:
-            self._wake.set()
+        return due  # the controller looks every CONTROL_EVERY rows, not at every small batch
 
     def _apply_staged(self) -> None:
         with self._lock:
@@ -189,6 +197,7 @@ class Runtime:
         self._active = change.active
         self._thresholds = np.asarray(change.thresholds if len(change.thresholds)
                                       else np.full(len(change.active), SAFE_THRESHOLD))
+        self._could_exit = bool(np.isfinite(self._thresholds).any())
         self.history.append(change)
 
     def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
@@ -211,7 +220,11 @@ class Runtime:
             if self._wake.wait(timeout=0.5):
                 self._wake.clear()
                 try:
-                    self.control_step()
+                    due = False
+                    while self._inbox:
+                        due |= self._record(*self._inbox.popleft())
+                    if due:
+                        self.control_step()
                 except Exception:  # noqa: BLE001 - the controller must never stop serving
                     log.exception("apparate: controller step failed; keeping the configuration")
 

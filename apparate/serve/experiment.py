@@ -48,7 +48,8 @@ def say(message: str) -> None:
     print(f"[apparate] {message}", file=sys.stderr, flush=True)
 
 
-def _ramps(workload, progress: bool):
+def ramps_for(workload, progress: bool = True):
+    """The workload's EEModel with trained ramps, from the cache or trained now and cached."""
     ee = apparate.prepare(workload.model, workload.example_inputs)
     # Keyed by the backbone, the sites and the training inputs: any of them changing retrains.
     key = hashlib.sha256(json.dumps([s.name for s in ee.sites]).encode())
@@ -227,7 +228,7 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
     say(f"workload {cfg.workload}: loading (the first run trains and caches its model)")
     workload = load_workload(cfg.workload, progress=progress)
     say(workload.description)
-    ee = _ramps(workload, progress)
+    ee = ramps_for(workload, progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # serving timings on one thread (shared/DATA.md)
     try:
