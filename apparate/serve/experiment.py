@@ -41,7 +41,14 @@ class ExperimentConfig:
     window: int = 128  # requests per agreement window in the report
     saturation_requests: int = 1000
     saturation_repeats: int = 3  # throughput: median of this many alternating saturated runs
+    repeats: int = 1  # stream runs per side (a fresh runtime each); latency figures are medians
     seed: int = 0
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.saturation_repeats < 1 or self.saturation_requests < 1:
+            raise ValueError("repeats, saturation_repeats and saturation_requests must be >= 1; "
+                             f"got {self.repeats}, {self.saturation_repeats}, "
+                             f"{self.saturation_requests}")
 
 
 def say(message: str) -> None:
@@ -79,13 +86,17 @@ def _capacity_rps(model, stream, max_batch: int) -> float:
     return max_batch / float(np.median(times[2:]))
 
 
-def _oracle(ee, stream, vanilla: ServeLog, profile):
+def _ramp_answers(ee, stream) -> np.ndarray:
+    """(n, S): every candidate ramp's prediction on every request."""
+    features, _ = ee.site_features(stream, progress=False)
+    return np.stack([ramp(f).argmax(1).numpy() for ramp, f in zip(ee.ramps, features)], axis=1)
+
+
+def _oracle(answers: np.ndarray, vanilla: ServeLog, profile):
     """Every candidate ramp active at zero cost; each sample exits at the first ramp that agrees
     with the final answer. Its latency: the vanilla latency minus the compute it skips, taken
     from the latency profile at the size of the batch the request ran in."""
-    features, _ = ee.site_features(stream, progress=False)
-    agree = np.stack([(ramp(f).argmax(1).numpy() == vanilla.prediction) for ramp, f in
-                      zip(ee.ramps, features)], axis=1)
+    agree = answers == vanilla.prediction[:, None]
     oracle_ms = vanilla.latency_ms.copy()
     for size in np.unique(vanilla.batch_size):
         rows = vanilla.batch_size == size
@@ -95,75 +106,113 @@ def _oracle(ee, stream, vanilla: ServeLog, profile):
     return oracle_ms
 
 
-def _served(log: ServeLog, saturated: list[float]) -> dict:
-    """Latency of one side's stream run and its throughput over the saturated runs."""
+@dataclass
+class StreamRun:
+    """One run of the stream on each side: the logs, the oracle's latencies, the runtime's
+    configuration history and when its stream started."""
+
+    vanilla: ServeLog
+    apparate: ServeLog
+    oracle_ms: np.ndarray
+    history: list
+    started: float
+
+
+def _served(logs: list[ServeLog], saturated: list[float]) -> dict:
+    """One side's latency (the median over stream runs of each run's figure) and throughput
+    (the median of its saturated runs)."""
     return {
-        "p50_ms": float(np.median(log.latency_ms)),
-        "p95_ms": float(np.percentile(log.latency_ms, 95)),
+        "p50_ms": float(np.median([np.median(log.latency_ms) for log in logs])),
+        "p95_ms": float(np.median([np.percentile(log.latency_ms, 95) for log in logs])),
         "throughput_rps": float(np.median(saturated)),
         "throughput_runs_rps": saturated,
-        "served_rps": log.throughput_rps,
+        "served_rps": float(np.median([log.throughput_rps for log in logs])),
     }
 
 
-def _summary(cfg, vanilla: ServeLog, app: ServeLog, sat_vanilla: list[float],
-             sat_app: list[float], oracle_ms, latency, sites):
-    agreement = app.prediction == vanilla.prediction
-    windows = [agreement[i:i + cfg.window].mean() for i in range(0, len(agreement), cfg.window)
-               if len(agreement[i:i + cfg.window]) == cfg.window]
-    never = app.exit_site < 0
-    # Same requests, both runs: the median extra latency of the never-exiting ones relative to
-    # their median vanilla latency (medians: queueing makes means swing with a few bursts).
-    overhead = float(np.median(app.latency_ms[never] - vanilla.latency_ms[never])
-                     / np.median(vanilla.latency_ms[never])) if never.any() else 0.0
-    histogram = {"final": int(never.sum())}
-    histogram.update({sites[s].name: int((app.exit_site == s).sum()) for s in range(len(sites))})
+def _windows(agreement: np.ndarray, size: int) -> list[float]:
+    return [agreement[i:i + size].mean() for i in range(0, len(agreement) - size + 1, size)]
+
+
+def _nonexit_overhead(run: StreamRun) -> float:
+    """Same requests, both sides: the median extra latency of the never-exiting ones relative
+    to their median vanilla latency (medians: queueing makes means swing with a few bursts)."""
+    never = run.apparate.exit_site < 0
+    if not never.any():
+        return 0.0
+    extra = run.apparate.latency_ms[never] - run.vanilla.latency_ms[never]
+    return float(np.median(extra) / np.median(run.vanilla.latency_ms[never]))
+
+
+def _summary(cfg, runs: list[StreamRun], sat_vanilla: list[float], sat_app: list[float],
+             latency, sites):
+    agreement = [run.apparate.prediction == run.vanilla.prediction for run in runs]
+    windows = [w for a in agreement for w in _windows(a, cfg.window)]
+    exit_site = np.concatenate([run.apparate.exit_site for run in runs])
+    histogram = {"final": int((exit_site < 0).sum())}
+    histogram.update({sites[s].name: int((exit_site == s).sum()) for s in range(len(sites))})
+    per_run = [{
+        "vanilla_p50_ms": float(np.median(run.vanilla.latency_ms)),
+        "apparate_p50_ms": float(np.median(run.apparate.latency_ms)),
+        "oracle_p50_ms": float(np.median(run.oracle_ms)),
+        "agreement": float(a.mean()),
+        "windows_within_constraint": float(np.mean(
+            [w >= 1 - cfg.accuracy_constraint for w in _windows(a, cfg.window)] or [1.0])),
+    } for run, a in zip(runs, agreement)]
     return {
         "workload": cfg.workload,
         "mode": cfg.mode,
-        "requests": int(len(agreement)),
-        "vanilla": _served(vanilla, sat_vanilla),
+        "requests": int(len(agreement[0])),
+        "vanilla": _served([run.vanilla for run in runs], sat_vanilla),
         "apparate": {
-            **_served(app, sat_app),
-            "agreement": float(agreement.mean()),
+            **_served([run.apparate for run in runs], sat_app),
+            # Over every request of every stream run.
+            "agreement": float(np.concatenate(agreement).mean()),
             "windows_within_constraint": float(np.mean(
                 [w >= 1 - cfg.accuracy_constraint for w in windows])) if windows else 1.0,
-            "nonexit_overhead": overhead,
+            "nonexit_overhead": float(np.median([_nonexit_overhead(run) for run in runs])),
             "exit_histogram": histogram,
         },
-        "oracle": {"p50_ms": float(np.median(oracle_ms))},
+        "oracle": {"p50_ms": float(np.median([np.median(run.oracle_ms) for run in runs]))},
+        "runs": per_run,
         "profile_ms": {"vanilla": latency.vanilla_ms, "segments": list(latency.segment_ms),
                        "ramps": list(latency.ramp_ms)},
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
 
 
-def _write(out: Path, summary, vanilla, app, oracle_ms, history, started, sites):
+def _write(out: Path, summary, runs: list[StreamRun], sites):
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out / "requests.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["request", "arrival_s", "vanilla_latency_ms", "apparate_latency_ms",
-                         "oracle_latency_ms", "vanilla_prediction", "apparate_prediction",
-                         "exit_site"])
-        for i in range(len(app.arrival)):
-            site = sites[app.exit_site[i]].name if app.exit_site[i] >= 0 else "final"
-            writer.writerow([i, f"{app.arrival[i]:.6f}", f"{vanilla.latency_ms[i]:.3f}",
-                             f"{app.latency_ms[i]:.3f}", f"{oracle_ms[i]:.3f}",
-                             vanilla.prediction[i], app.prediction[i], site])
+        writer.writerow(["run", "request", "arrival_s", "vanilla_latency_ms",
+                         "apparate_latency_ms", "oracle_latency_ms", "vanilla_prediction",
+                         "apparate_prediction", "exit_site"])
+        for number, run in enumerate(runs, 1):
+            vanilla, app = run.vanilla, run.apparate
+            for i in range(len(app.arrival)):
+                site = sites[app.exit_site[i]].name if app.exit_site[i] >= 0 else "final"
+                writer.writerow([number, i, f"{app.arrival[i]:.6f}",
+                                 f"{vanilla.latency_ms[i]:.3f}", f"{app.latency_ms[i]:.3f}",
+                                 f"{run.oracle_ms[i]:.3f}", vanilla.prediction[i],
+                                 app.prediction[i], site])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in (("vanilla", vanilla.latency_ms), ("apparate", app.latency_ms),
-                          ("oracle", oracle_ms)):
+    pooled = {"vanilla": [run.vanilla.latency_ms for run in runs],
+              "apparate": [run.apparate.latency_ms for run in runs],
+              "oracle": [run.oracle_ms for run in runs]}
+    for label, values in ((k, np.concatenate(v)) for k, v in pooled.items()):
         ordered = np.sort(values)
         ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title(f"{summary['workload']} ({summary['mode']} mode): latency CDF")
+    ax.set_title(f"{summary['workload']} ({summary['mode']} mode): latency CDF"
+                 + (f", {len(runs)} stream runs" if len(runs) > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -171,7 +220,8 @@ def _write(out: Path, summary, vanilla, app, oracle_ms, history, started, sites)
     plt.close(fig)
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    end = float(app.release.max())
+    history, started = runs[0].history, runs[0].started
+    end = float(runs[0].apparate.release.max())
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for site in range(len(sites)):
         colour = colours[site % len(colours)]
@@ -197,7 +247,8 @@ def _write(out: Path, summary, vanilla, app, oracle_ms, history, started, sites)
     bottom.set_yticklabels([s.name for s in sites], fontsize=7)
     bottom.set_xlabel("time since the stream started (s)")
     bottom.set_ylabel("active ramps")
-    fig.suptitle(f"{summary['workload']}: thresholds and active ramps over time")
+    fig.suptitle(f"{summary['workload']}: thresholds and active ramps over time"
+                 + (f" (stream run 1 of {len(runs)})" if len(runs) > 1 else ""))
     fig.tight_layout()
     fig.savefig(out / "adaptation.png", dpi=120)
     plt.close(fig)
@@ -208,7 +259,9 @@ def table(summary) -> str:
     saved = 1 - a["p50_ms"] / v["p50_ms"]
     oracle_saved = 1 - o["p50_ms"] / v["p50_ms"]
     lines = [
-        f"workload {summary['workload']}, {summary['mode']} mode, {summary['requests']} requests",
+        f"workload {summary['workload']}, {summary['mode']} mode, {summary['requests']} requests"
+        + (f" (latencies: medians over {len(summary['runs'])} stream runs)"
+           if len(summary["runs"]) > 1 else ""),
         f"{'':<22}{'vanilla':>12}{'apparate':>12}{'oracle':>12}",
         f"{'median latency (ms)':<22}{v['p50_ms']:>12.2f}{a['p50_ms']:>12.2f}{o['p50_ms']:>12.2f}",
         f"{'p95 latency (ms)':<22}{v['p95_ms']:>12.2f}{a['p95_ms']:>12.2f}{'':>12}",
@@ -221,6 +274,22 @@ def table(summary) -> str:
         "exits: " + ", ".join(f"{k} {n}" for k, n in a["exit_histogram"].items()),
     ]
     return "\n".join(lines)
+
+
+def _saturated(cfg, workload, runtime, batching) -> tuple[list[float], list[float]]:
+    """Throughput of each side with ``saturation_requests`` requests all queued at once, in
+    alternating runs (medians are reported: this machine's speed drifts by several percent)."""
+    saturated = min(workload.stream_inputs[0].shape[0], cfg.saturation_requests)
+    burst = np.zeros(saturated)
+    head = tuple(t[:saturated] for t in workload.stream_inputs)
+    say(f"throughput: {saturated} requests all queued at once, "
+        f"{cfg.saturation_repeats} times each, alternating")
+    sat_vanilla, sat_app = [], []
+    for _ in range(cfg.saturation_repeats):
+        sat_vanilla.append(serve(VanillaEngine(workload.model), head, burst,
+                                 batching).throughput_rps)
+        sat_app.append(serve(RuntimeEngine(runtime), head, burst, batching).throughput_rps)
+    return sat_vanilla, sat_app
 
 
 def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
@@ -250,37 +319,37 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
             return tqdm(total=n, desc=f"apparate: {what}", disable=not progress, file=sys.stderr,
                         leave=False)
 
-        with bar("vanilla") as b:
-            vanilla = serve(VanillaEngine(workload.model), stream, arrivals, batching, b.update)
-        typical_batch = float(np.median(vanilla.batch_size))
-        say(f"vanilla: median batch {typical_batch:.0f}, median latency "
-            f"{np.median(vanilla.latency_ms):.1f} ms")
-        runtime = apparate.Runtime(
-            ee, accuracy_constraint=cfg.accuracy_constraint, ramp_budget=cfg.ramp_budget,
-            mode=cfg.mode, feedback_fraction=cfg.feedback_fraction, batch_size=typical_batch,
-            example_inputs=workload.example_inputs, profile_cache=cache_dir() / "profiles",
-            seed=cfg.seed)
-        with runtime:
-            started = time.perf_counter()
-            with bar(f"apparate ({cfg.mode})") as b:
-                app = serve(RuntimeEngine(runtime), stream, arrivals, batching, b.update)
-            saturated = min(n, cfg.saturation_requests)
-            burst = np.zeros(saturated)
-            head = tuple(t[:saturated] for t in stream)
-            say(f"throughput: {saturated} requests all queued at once, "
-                f"{cfg.saturation_repeats} times each, alternating")
-            # Alternating repeats, medians: this machine's speed drifts by several percent.
-            sat_vanilla, sat_app = [], []
-            for _ in range(cfg.saturation_repeats):
-                sat_vanilla.append(serve(VanillaEngine(workload.model), head, burst,
-                                         batching).throughput_rps)
-                sat_app.append(serve(RuntimeEngine(runtime), head, burst,
-                                     batching).throughput_rps)
-        say("oracle: every ramp's answer on every request")
-        oracle_ms = _oracle(ee, stream, vanilla, runtime.profile)
+        runs: list[StreamRun] = []
+        typical_batch = None
+        answers = None
+        for number in range(1, cfg.repeats + 1):
+            of = f" (stream run {number} of {cfg.repeats})" if cfg.repeats > 1 else ""
+            with bar("vanilla" + of) as b:
+                vanilla = serve(VanillaEngine(workload.model), stream, arrivals, batching,
+                                b.update)
+            if typical_batch is None:
+                typical_batch = float(np.median(vanilla.batch_size))
+            say(f"vanilla{of}: median batch {np.median(vanilla.batch_size):.0f}, median latency "
+                f"{np.median(vanilla.latency_ms):.1f} ms")
+            runtime = apparate.Runtime(
+                ee, accuracy_constraint=cfg.accuracy_constraint, ramp_budget=cfg.ramp_budget,
+                mode=cfg.mode, feedback_fraction=cfg.feedback_fraction, batch_size=typical_batch,
+                example_inputs=workload.example_inputs, profile_cache=cache_dir() / "profiles",
+                seed=cfg.seed)
+            with runtime:
+                started = time.perf_counter()
+                with bar(f"apparate ({cfg.mode}){of}") as b:
+                    app = serve(RuntimeEngine(runtime), stream, arrivals, batching, b.update)
+                say(f"apparate{of}: median latency {np.median(app.latency_ms):.1f} ms")
+                if number == cfg.repeats:
+                    sat_vanilla, sat_app = _saturated(cfg, workload, runtime, batching)
+            if answers is None:
+                say("oracle: every ramp's answer on every request")
+                answers = _ramp_answers(ee, stream)
+            runs.append(StreamRun(vanilla, app, _oracle(answers, vanilla, runtime.profile),
+                                  runtime.history, started))
     finally:
         torch.set_num_threads(threads)
-    summary = _summary(cfg, vanilla, app, sat_vanilla, sat_app, oracle_ms, runtime.latency,
-                       ee.sites)
-    _write(out, summary, vanilla, app, oracle_ms, runtime.history, started, ee.sites)
+    summary = _summary(cfg, runs, sat_vanilla, sat_app, runtime.latency, ee.sites)
+    _write(out, summary, runs, ee.sites)
     return summary

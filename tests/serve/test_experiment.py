@@ -1,0 +1,80 @@
+"""The e2e report over several stream runs: medians of latency, pooled agreement, every run in
+summary.json and requests.csv (synthetic logs, no model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from apparate.runtime.latency import LatencyProfile
+from apparate.runtime.runtime import ConfigChange
+from apparate.serve.experiment import ExperimentConfig, StreamRun, _summary, _write
+from apparate.serve.loop import ServeLog
+
+SITES = [SimpleNamespace(name="blocks.0"), SimpleNamespace(name="blocks.1")]
+
+
+def _log(latency_ms, prediction, exit_site):
+    n = len(latency_ms)
+    arrival = np.arange(n) * 0.01
+    return ServeLog(arrival, arrival + np.asarray(latency_ms) / 1e3, np.asarray(prediction),
+                    np.asarray(exit_site), np.full(n, 4))
+
+
+def _run(vanilla_ms, apparate_ms, wrong: int, exits: int):
+    n = 256
+    truth = np.arange(n) % 3
+    answers = truth.copy()
+    answers[:wrong] += 1  # the first `wrong` answers differ from the model's
+    exit_site = np.full(n, -1)
+    exit_site[:exits] = 0
+    return StreamRun(_log(np.full(n, vanilla_ms), truth, np.full(n, -1)),
+                     _log(np.full(n, apparate_ms), answers, exit_site),
+                     np.full(n, apparate_ms / 2),
+                     history=[ConfigChange((0,), np.array([0.9]), "start", at=0.0)], started=0.0)
+
+
+def test_summary_takes_medians_over_runs_and_pools_agreement():
+    cfg = ExperimentConfig(workload="cv-fashion", repeats=3)
+    runs = [_run(10.0, 6.0, 0, 100), _run(12.0, 9.0, 4, 50), _run(11.0, 7.0, 0, 100)]
+    profile = LatencyProfile((1.0, 1.0, 1.0), (0.1, 0.1))
+    summary = _summary(cfg, runs, [100.0, 90.0, 110.0], [95.0, 99.0, 97.0], profile, SITES)
+    assert summary["vanilla"]["p50_ms"] == pytest.approx(11.0)
+    assert summary["apparate"]["p50_ms"] == pytest.approx(7.0)
+    assert summary["oracle"]["p50_ms"] == pytest.approx(3.5)
+    assert summary["vanilla"]["throughput_rps"] == 100.0
+    assert summary["apparate"]["throughput_rps"] == 97.0
+    assert summary["apparate"]["agreement"] == pytest.approx(1 - 4 / (3 * 256))
+    # Six 128-request windows; only the first of the second run holds the four wrong answers.
+    assert summary["apparate"]["windows_within_constraint"] == pytest.approx(5 / 6)
+    assert [r["apparate_p50_ms"] for r in summary["runs"]] == pytest.approx([6.0, 9.0, 7.0])
+    assert summary["runs"][1]["windows_within_constraint"] == pytest.approx(0.5)
+    assert summary["apparate"]["exit_histogram"] == {"final": 3 * 256 - 250, "blocks.0": 250,
+                                                     "blocks.1": 0}
+    # Never-exiting requests pay (apparate - vanilla) / vanilla in each run; the median of those.
+    assert summary["apparate"]["nonexit_overhead"] == pytest.approx(
+        np.median([-0.4, -0.25, -4 / 11]))
+
+
+def test_write_keeps_every_run(tmp_path):
+    cfg = ExperimentConfig(workload="cv-fashion", repeats=2)
+    runs = [_run(10.0, 6.0, 0, 100), _run(12.0, 9.0, 4, 50)]
+    profile = LatencyProfile((1.0, 1.0, 1.0), (0.1, 0.1))
+    summary = _summary(cfg, runs, [100.0], [95.0], profile, SITES)
+    _write(tmp_path, summary, runs, SITES)
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["repeats"] == 2
+    with open(tmp_path / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 256 and {r["run"] for r in rows} == {"1", "2"}
+    assert rows[0]["exit_site"] == "blocks.0" and rows[-1]["exit_site"] == "final"
+    for name in ("latency_cdf.png", "adaptation.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_config_rejects_no_runs():
+    with pytest.raises(ValueError, match="repeats"):
+        ExperimentConfig(repeats=0)
