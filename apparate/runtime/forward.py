@@ -193,6 +193,9 @@ class EarlyExitForward:
         self.device = torch.device(device)
         sites = len(ee.sites)
         self.thresholds = torch.full((sites,), SAFE_THRESHOLD, device=self.device)
+        # Per-site 0-dim views of ``thresholds``: in-place updates show through, and the
+        # forward does not index the tensor at every ramp.
+        self.site_thresholds = [self.thresholds[i] for i in range(sites)]
         self.weights = [r.weight.detach().to(self.device) for r in ee.ramps]
         self.biases = [r.bias.detach().to(self.device) for r in ee.ramps]
         self.active: frozenset[int] = frozenset()
@@ -215,9 +218,10 @@ class EarlyExitForward:
         else:
             feedback = np.ones(batch, dtype=bool)
         pending = PendingBatch(batch, len(self.ee.sites), on_release, feedback)
-        # Compact mode carries, per position of the view: the original row, whether the row has
-        # exited, and whether it keeps running as feedback; compacted with the state.
-        meta = positions = alive = count = count_slot = None
+        # Compact mode carries, per position of the view, the original row (``origin``) and
+        # whether the row keeps running after it exits (``keeps_running``, the feedback rows);
+        # both follow the state through each compaction.
+        origin = keeps_running = alive = count = None
         active = self.active
         state = backbone.enter(*inputs)
         for index, segment in enumerate(backbone.segments):
@@ -227,7 +231,7 @@ class EarlyExitForward:
             site = self.ee.sites[index]
             mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
             result = apparate.ramp_exit(state[0], self.weights[index], self.biases[index],
-                                        self.thresholds[index], pool=site.pool, mask=mask,
+                                        self.site_thresholds[index], pool=site.pool, mask=mask,
                                         alive=alive)
             if not compact:
                 pending.ramps.append((index, result.confidence, result.prediction,
@@ -236,39 +240,39 @@ class EarlyExitForward:
                     (index, DeviceToHost(result.exit_mask, result.prediction)))
                 pending.poll()
                 continue
-            if meta is None:
-                meta = torch.from_numpy(np.stack(
-                    [np.arange(batch), np.zeros(batch, dtype=np.int64), feedback], 1)
-                ).to(self.device, non_blocking=True)
-                positions = torch.arange(batch, device=self.device)
-            origin = meta[:, 0]
+            if origin is None:
+                origin = torch.arange(batch, device=self.device)
+                keeps_running = torch.from_numpy(feedback).to(self.device, non_blocking=True)
             pending.ramps.append((index, result.confidence, result.prediction, result.exit_mask,
                                   origin, count))
             pending.releases.append(
                 (index, DeviceToHost(result.exit_mask, result.prediction, origin)))
-            meta[:, 1].bitwise_or_(result.exit_mask)
-            keep = meta[:, 1] <= meta[:, 2]  # not exited, or kept running as feedback
+            keep = result.exit_mask <= keeps_running  # not exited, or kept running as feedback
             if alive is not None:
                 keep &= alive
-            meta, scratch, count = apparate.compact_rows(meta, keep)
-            for tensor in state:
-                apparate.compact_rows(tensor, keep, tensor, index_out=scratch,
+            _, moved, count = apparate.compact_rows(state[0], keep, state[0])
+            for tensor in state[1:]:
+                apparate.compact_rows(tensor, keep, tensor, index_out=moved,
                                       count_out=torch.empty_like(count))
             count_slot = DeviceToHost(count)
             pending.poll()
             live = count_slot.poll()
             if live is None:  # later segments run on the stale view, its dead rows masked
-                alive = positions < count
+                moved = moved.clamp(min=0)
+                alive = torch.arange(moved.shape[0], device=self.device) < count
             else:  # shrink the view to the live rows now that it is known
                 n = int(live[0][0])
+                moved = moved[:n]
                 state = tuple(t[:n] for t in state)
-                meta, positions = meta[:n], positions[:n]
                 alive = None  # every position of the shrunk view is live
-                if n == 0:  # every row has left: nothing more to run
-                    break
+            # New tensors, not in place: the published ``origin`` must not change.
+            origin = origin.index_select(0, moved)
+            keeps_running = keeps_running.index_select(0, moved)
+            if live is not None and n == 0:  # every row has left: nothing more to run
+                break
         if state[0].shape[0]:
             prediction = backbone.finish(state).argmax(1)
-            pending.final = (prediction, meta[:, 0] if meta is not None else None, count)
+            pending.final = (prediction, origin, count)
         pending.poll()
         return pending
 

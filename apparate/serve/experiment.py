@@ -40,7 +40,7 @@ class ExperimentConfig:
     load: float = 0.7  # arrival rate as a fraction of the vanilla model's capacity
     window: int = 128  # requests per agreement window in the report
     saturation_requests: int = 1000
-    saturation_repeats: int = 3  # throughput: median of this many alternating saturated runs
+    saturation_repeats: int = 5  # throughput: median of this many alternating saturated runs
     repeats: int = 1  # stream runs per side (a fresh runtime each); latency figures are medians
     seed: int = 0
 

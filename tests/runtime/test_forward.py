@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import apparate
+from apparate.runtime import forward as forward_module
 from apparate.runtime.forward import EarlyExitForward
 from apparate.testing import forbid_host_sync
 from tests.models.test_prepare import _bert, _separable, trained_ramps
@@ -112,3 +113,30 @@ def test_bad_configuration(cnn):
         EarlyExitForward(ee, feedback_fraction=1.5)
     with pytest.raises(ValueError, match="active sites"):
         EarlyExitForward(ee).set_active([7])
+
+
+@pytest.mark.parametrize("model", ["cnn", "bert"])
+def test_compact_mode_on_a_stale_view(request, monkeypatch, model):
+    """On a GPU the live count may arrive late: later segments then run on the larger view with
+    the dead rows masked. Simulate a count that never arrives during the forward."""
+    ee, inputs, vanilla = request.getfixturevalue(model)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.25, seed=3)
+    forward.set_active([0, 2])
+    probe = forward(*inputs).site_confidence
+    forward.thresholds[0] = float(np.median(probe[:, 0]))
+    forward.thresholds[2] = float(np.median(probe[:, 2]))
+    prompt = forward(*inputs)
+
+    class LateCount(forward_module.DeviceToHost):
+        def poll(self):
+            return None if len(self.host) == 1 else super().poll()  # the count alone: late
+
+    monkeypatch.setattr(forward_module, "DeviceToHost", LateCount)
+    forward.rng = np.random.default_rng(3)  # the same feedback rows as the prompt run
+    forward(*inputs)  # advance the generator past the probe run, as above
+    late = forward(*inputs)
+    _check_outcome(late, vanilla, "compact")
+    np.testing.assert_array_equal(late.exit_site, prompt.exit_site)
+    np.testing.assert_array_equal(late.prediction, prompt.prediction)
+    np.testing.assert_array_equal(late.final_prediction, prompt.final_prediction)
