@@ -45,10 +45,10 @@ class BatchOutcome:
     for the monitor (every row in release mode; the rows marked to keep running in compact mode,
     whether or not they exited).
 
-    The arrays are assembled from the batch's outputs when one of them is first read: releasing
-    answers does not need them, so the serving thread can hand the outcome to the controller,
-    which reads them beside serving. Reading from several threads is safe (the assembly is
-    idempotent).
+    The arrays are assembled from the batch's outputs when first read (the per-site ones and the
+    per-row exits separately): releasing answers does not need them, so the serving thread can
+    hand the outcome to the controller, which reads only the per-site ones, beside serving.
+    Reading from several threads is safe (the assembly is idempotent).
     """
 
     def __init__(self, ramps: list[tuple], final: np.ndarray, release_time: np.ndarray,
@@ -58,45 +58,55 @@ class BatchOutcome:
         self.release_time = release_time
         self._feedback = feedback
         self._sites = sites
-        self._arrays: dict[str, np.ndarray] | None = None
+        self._per_site: dict[str, np.ndarray] | None = None
+        self._exits: dict[str, np.ndarray] | None = None
 
-    def _assemble(self) -> dict[str, np.ndarray]:
-        if self._arrays is not None:
-            return self._arrays
-        batch, final = self.final_prediction.shape[0], self.final_prediction
-        exit_site = np.full(batch, -1, dtype=np.int64)
-        exit_prediction = np.zeros(batch, dtype=np.int64)
-        exit_confidence = np.full(batch, np.nan, dtype=np.float32)
+    def _site_arrays(self) -> dict[str, np.ndarray]:
+        """Every evaluated ramp's confidence and prediction per original row (what the monitor
+        records), plus, per ramp, the rows it saw and which of them it let exit."""
+        if self._per_site is not None:
+            return self._per_site
+        batch = self.final_prediction.shape[0]
         site_confidence = np.full((batch, self._sites), np.nan, dtype=np.float32)
         site_prediction = np.full((batch, self._sites), -1, dtype=np.int64)
+        seen = []
         for site, confidence, prediction, exit_mask, origin, count in self._ramps:
             rows, live = _rows(origin, count, confidence.shape[0])
-            confidence = confidence.cpu().numpy()[live]
-            prediction = prediction.cpu().numpy()[live]
-            exited = exit_mask.cpu().numpy()[live]
-            site_confidence[rows, site] = confidence
-            site_prediction[rows, site] = prediction
-            first = exited & (exit_site[rows] < 0)
-            exit_site[rows[first]] = site
-            exit_prediction[rows[first]] = prediction[first]
-            exit_confidence[rows[first]] = confidence[first]
-        exited = exit_site >= 0
-        self._arrays = {
-            "prediction": np.where(exited, exit_prediction, final),
-            "exit_site": exit_site,
-            "confidence": exit_confidence,
-            "site_confidence": site_confidence,
-            "site_prediction": site_prediction,
-            "feedback": self._feedback & (final >= 0),
-        }
-        return self._arrays
+            site_confidence[rows, site] = confidence.cpu().numpy()[live]
+            site_prediction[rows, site] = prediction.cpu().numpy()[live]
+            seen.append((site, rows, exit_mask.cpu().numpy()[live]))
+        self._per_site = {"site_confidence": site_confidence, "site_prediction": site_prediction,
+                          "seen": seen}
+        return self._per_site
 
-    prediction = property(lambda self: self._assemble()["prediction"])
-    exit_site = property(lambda self: self._assemble()["exit_site"])
-    confidence = property(lambda self: self._assemble()["confidence"])
-    site_confidence = property(lambda self: self._assemble()["site_confidence"])
-    site_prediction = property(lambda self: self._assemble()["site_prediction"])
-    feedback = property(lambda self: self._assemble()["feedback"])
+    def _exit_arrays(self) -> dict[str, np.ndarray]:
+        """Each row's exit (the first ramp that let it go) and released answer."""
+        if self._exits is not None:
+            return self._exits
+        per_site = self._site_arrays()
+        final = self.final_prediction
+        exit_site = np.full(final.shape[0], -1, dtype=np.int64)
+        for site, rows, exited in per_site["seen"]:
+            first = rows[exited & (exit_site[rows] < 0)]
+            exit_site[first] = site
+        exited = np.flatnonzero(exit_site >= 0)
+        prediction = final.copy()
+        confidence = np.full(final.shape[0], np.nan, dtype=np.float32)
+        prediction[exited] = per_site["site_prediction"][exited, exit_site[exited]]
+        confidence[exited] = per_site["site_confidence"][exited, exit_site[exited]]
+        self._exits = {"prediction": prediction, "exit_site": exit_site,
+                       "confidence": confidence}
+        return self._exits
+
+    prediction = property(lambda self: self._exit_arrays()["prediction"])
+    exit_site = property(lambda self: self._exit_arrays()["exit_site"])
+    confidence = property(lambda self: self._exit_arrays()["confidence"])
+    site_confidence = property(lambda self: self._site_arrays()["site_confidence"])
+    site_prediction = property(lambda self: self._site_arrays()["site_prediction"])
+
+    @property
+    def feedback(self) -> np.ndarray:
+        return self._feedback & (self.final_prediction >= 0)
 
 
 class PendingBatch:

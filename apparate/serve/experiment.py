@@ -94,15 +94,17 @@ def _ramp_answers(ee, stream) -> np.ndarray:
 
 def _oracle(answers: np.ndarray, vanilla: ServeLog, profile):
     """Every candidate ramp active at zero cost; each sample exits at the first ramp that agrees
-    with the final answer. Its latency: the vanilla latency minus the compute it skips, taken
-    from the latency profile at the size of the batch the request ran in."""
+    with the final answer. Its latency: the vanilla latency minus the share of its batch's
+    measured compute that it skips, the share taken from the latency profile at that batch
+    size."""
     agree = answers == vanilla.prediction[:, None]
     oracle_ms = vanilla.latency_ms.copy()
     for size in np.unique(vanilla.batch_size):
         rows = vanilla.batch_size == size
         latency = profile.at(size)
         outcome = oracle_outcome(Feedback(np.ones(agree[rows].shape), agree[rows]), latency)
-        oracle_ms[rows] -= latency.vanilla_ms - outcome.latency_ms
+        skipped = 1 - outcome.latency_ms / latency.vanilla_ms
+        oracle_ms[rows] -= skipped * vanilla.compute_ms[rows]
     return oracle_ms
 
 

@@ -38,13 +38,20 @@ class BatchingConfig:
 @dataclass
 class ServeLog:
     """Per request, in stream order: arrival and release (seconds from the start), prediction,
-    exit_site (-1 = final head) and the size of the batch it ran in."""
+    exit_site (-1 = final head), the size of the batch it ran in and when that batch started
+    (seconds from the start)."""
 
     arrival: np.ndarray
     release: np.ndarray
     prediction: np.ndarray
     exit_site: np.ndarray
     batch_size: np.ndarray
+    batch_start: np.ndarray
+
+    @property
+    def compute_ms(self) -> np.ndarray:
+        """From the start of the request's batch to its release."""
+        return (self.release - self.batch_start) * 1e3
 
     @property
     def latency_ms(self) -> np.ndarray:
@@ -73,7 +80,7 @@ def serve(engine: Engine, stream: Sequence[Tensor], arrivals: np.ndarray,
     if len(arrivals) != n:
         raise ValueError(f"arrivals has {len(arrivals)} entries for {n} requests")
     log = ServeLog(np.asarray(arrivals, dtype=float), np.full(n, np.nan), np.full(n, -1),
-                   np.full(n, -1), np.zeros(n, dtype=int))
+                   np.full(n, -1), np.zeros(n, dtype=int), np.full(n, np.nan))
     waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
     start = time.perf_counter() + 0.01
 
@@ -112,6 +119,7 @@ def serve(engine: Engine, stream: Sequence[Tensor], arrivals: np.ndarray,
             log.prediction[requests] = predictions
             log.exit_site[requests] = site
 
+        log.batch_start[ids] = time.perf_counter() - start
         engine(inputs, on_release)
         log.batch_size[ids] = len(ids)
         served += len(ids)

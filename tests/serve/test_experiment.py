@@ -12,7 +12,13 @@ import pytest
 
 from apparate.runtime.latency import LatencyProfile
 from apparate.runtime.runtime import ConfigChange
-from apparate.serve.experiment import ExperimentConfig, StreamRun, _summary, _write
+from apparate.serve.experiment import (
+    ExperimentConfig,
+    StreamRun,
+    _oracle,
+    _summary,
+    _write,
+)
 from apparate.serve.loop import ServeLog
 
 SITES = [SimpleNamespace(name="blocks.0"), SimpleNamespace(name="blocks.1")]
@@ -21,8 +27,9 @@ SITES = [SimpleNamespace(name="blocks.0"), SimpleNamespace(name="blocks.1")]
 def _log(latency_ms, prediction, exit_site):
     n = len(latency_ms)
     arrival = np.arange(n) * 0.01
-    return ServeLog(arrival, arrival + np.asarray(latency_ms) / 1e3, np.asarray(prediction),
-                    np.asarray(exit_site), np.full(n, 4))
+    release = arrival + np.asarray(latency_ms) / 1e3
+    return ServeLog(arrival, release, np.asarray(prediction), np.asarray(exit_site),
+                    np.full(n, 4), release - 0.004)  # each batch computed for 4 ms
 
 
 def _run(vanilla_ms, apparate_ms, wrong: int, exits: int):
@@ -78,3 +85,16 @@ def test_write_keeps_every_run(tmp_path):
 def test_config_rejects_no_runs():
     with pytest.raises(ValueError, match="repeats"):
         ExperimentConfig(repeats=0)
+
+
+def test_oracle_skips_a_share_of_the_measured_compute():
+    """Latency = queueing + compute; the oracle takes off the share of the batch's measured
+    compute that the first agreeing ramp skips, so it never goes below the queueing."""
+    profile = LatencyProfile((1.0, 1.0, 2.0), (0.1, 0.1))  # ramps after 25% and 50% of 4 ms
+    truth = np.array([0, 1, 2, 0])
+    vanilla = _log([10.0, 10.0, 10.0, 3.0], truth, np.full(4, -1))
+    vanilla.batch_start[3] = vanilla.release[3] - 0.002  # a faster batch: 2 ms of compute
+    answers = np.array([[0, 0], [9, 1], [9, 9], [0, 0]])  # ramp answers per site
+    oracle_ms = _oracle(answers, vanilla, SimpleNamespace(at=lambda size: profile))
+    np.testing.assert_allclose(oracle_ms, [10 - 0.75 * 4, 10 - 0.5 * 4, 10.0, 3 - 0.75 * 2])
+    assert (oracle_ms >= vanilla.latency_ms - vanilla.compute_ms).all()
