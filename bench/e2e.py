@@ -39,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
                              "are the medians over runs")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    config = ExperimentConfig(
-        workload=args.workload, mode=args.mode, accuracy_constraint=args.accuracy_constraint,
-        ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
-        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load,
-        repeats=args.repeats, seed=args.seed)
+    try:
+        config = ExperimentConfig(
+            workload=args.workload, mode=args.mode, accuracy_constraint=args.accuracy_constraint,
+            ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
+            max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load,
+            repeats=args.repeats, seed=args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     summary = run(config, args.out)
     print(table(summary))
     return 0

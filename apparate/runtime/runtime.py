@@ -217,16 +217,18 @@ class Runtime:
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
-            if self._wake.wait(timeout=0.5):
-                self._wake.clear()
-                try:
-                    due = False
-                    while self._inbox:
-                        due |= self._record(*self._inbox.popleft())
-                    if due:
-                        self.control_step()
-                except Exception:  # noqa: BLE001 - the controller must never stop serving
-                    log.exception("apparate: controller step failed; keeping the configuration")
+            # Woken by the serving thread, or every half second to pick up the last batches
+            # before serving paused.
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            try:
+                due = False
+                while self._inbox:
+                    due |= self._record(*self._inbox.popleft())
+                if due:
+                    self.control_step()
+            except Exception:  # noqa: BLE001 - the controller must never stop serving
+                log.exception("apparate: controller step failed; keeping the configuration")
 
     def control_step(self) -> None:
         """One controller decision on the current window (also callable directly in tests)."""
