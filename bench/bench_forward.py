@@ -4,8 +4,8 @@
     python bench/bench_forward.py --workload nlp-sentiment
     python bench/bench_forward.py --smoke                  # a few repetitions, seconds
 
-The forward runs two ramps, at the sites nearest 1/3 and 2/3 of the model's latency (where the
-runtime starts), in release and compact mode, once with thresholds that let nothing exit (the
+The forward runs two ramps, at the sites nearest 1/3 and 2/3 of the model's latency in the
+runtime's cached profile at that batch size (where the runtime starts), in release and compact mode, once with thresholds that let nothing exit (the
 cost a never-exiting sample pays) and once with each ramp's threshold at its median confidence
 on the batch (about half the rows exit at the first ramp, a quarter at the second). This is the
 serving thread's whole cost per batch: segments, ramps, releases and the outcome; the controller
@@ -24,19 +24,16 @@ import time
 import numpy as np
 import torch
 
+from apparate.assets import cache_dir
+from apparate.runtime import profiler
 from apparate.runtime.forward import EarlyExitForward
 from apparate.runtime.policy import SAFE_THRESHOLD
+from apparate.runtime.runtime import spread_over_latency
 from apparate.serve.experiment import ramps_for
 from apparate.workloads import WORKLOADS, load_workload
 
 
-def two_sites(ee) -> list[int]:
-    shares = np.array([site.latency_share for site in ee.sites])
-    return sorted({int(np.abs(shares - target).argmin()) for target in (1 / 3, 2 / 3)})
-
-
-def candidates(workload, ee, inputs):
-    sites = two_sites(ee)
+def candidates(workload, ee, inputs, sites):
     model = workload.model
 
     def vanilla():
@@ -56,7 +53,7 @@ def candidates(workload, ee, inputs):
                 forward.thresholds.fill_(SAFE_THRESHOLD)
             found[f"{mode}{', exits' if exits else ''}"] = (
                 lambda forward=forward: forward(*inputs))
-    return sites, found
+    return found
 
 
 def main() -> None:
@@ -72,12 +69,16 @@ def main() -> None:
     workload = load_workload(args.workload, progress=not args.smoke)
     ee = ramps_for(workload, progress=not args.smoke)
     torch.set_num_threads(1)
+    profile = profiler.load_or_measure(ee, workload.example_inputs, torch.device("cpu"),
+                                       cache_dir() / "profiles")
     print(f"{args.workload}: one thread, {reps} interleaved calls per candidate, medians")
     for batch in batches:
         inputs = tuple(t[:batch] for t in workload.stream_inputs)
         if inputs[0].shape[0] < batch:
             sys.exit(f"the stream has fewer than {batch} requests")
-        sites, found = candidates(workload, ee, inputs)
+        # Where the runtime starts: its profile at this batch, the sites nearest 1/3 and 2/3.
+        sites = spread_over_latency(profile.at(batch), 2)
+        found = candidates(workload, ee, inputs, sites)
         times: dict[str, list[float]] = {name: [] for name in found}
         for rep in range(warmup + reps):
             for name, run in found.items():

@@ -27,6 +27,7 @@ from apparate.runtime import profiler
 from apparate.runtime.adjuster import RampAdjuster
 from apparate.runtime.feedback import Feedback, FeedbackWindow
 from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward
+from apparate.runtime.latency import LatencyProfile
 from apparate.runtime.policy import SAFE_THRESHOLD
 from apparate.runtime.tuner import ThresholdTuner, zero_offending
 
@@ -58,6 +59,14 @@ class ConfigChange:
     at: float = field(default_factory=time.perf_counter)
 
 
+def spread_over_latency(latency: LatencyProfile, count: int) -> tuple[int, ...]:
+    """The sites nearest to 1/(count+1), 2/(count+1), ... of the model's latency (fewer when
+    two targets share a site)."""
+    shares = np.cumsum(latency.segment_ms[:-1]) / latency.vanilla_ms
+    targets = np.arange(1, count + 1) / (count + 1)
+    return tuple(sorted({int(np.abs(shares - t).argmin()) for t in targets}))
+
+
 class Runtime:
     """Early-exit serving of ``ee`` with online adaptation (see the module doc).
 
@@ -67,9 +76,9 @@ class Runtime:
     (the typical batch of the serving loop); min_feedback: feedback rows needed before any ramp
     may exit (default: 128 in release mode; half the window in compact mode, where once exits
     start only ``feedback_fraction`` of the rows still give feedback, so the window must hold
-    enough rows before then); tuning_margin: thresholds are tuned to ``accuracy_constraint * tuning_margin`` on
-    the window, while a violation is the constraint itself broken on the latest
-    ``adjust_every`` rows.
+    enough rows before then); tuning_margin: thresholds are tuned to
+    ``accuracy_constraint * tuning_margin`` on the window, while a violation is the constraint
+    itself broken on the latest ``adjust_every`` rows.
     """
 
     def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,
@@ -205,10 +214,8 @@ class Runtime:
         it), as many as the budget allows, at most two: every ramp that exits is charged an
         unseen wrong answer by the tuner, so a 1024-row window at a 1% constraint pays for few;
         the adjuster adds more when they all pay off."""
-        shares = np.cumsum(self.latency.segment_ms[:-1]) / self.latency.vanilla_ms
-        for count in range(min(2, shares.size), 0, -1):
-            targets = np.arange(1, count + 1) / (count + 1)
-            chosen = tuple(sorted({int(np.abs(shares - t).argmin()) for t in targets}))
+        for count in range(min(2, self.latency.num_sites), 0, -1):
+            chosen = spread_over_latency(self.latency, count)
             if self.latency.ramp_overhead(chosen) <= ramp_budget:
                 return chosen
         return ()
