@@ -5,9 +5,11 @@
     python bench/bench_forward.py --smoke                  # a few repetitions, seconds
 
 The forward runs two ramps, at the sites nearest 1/3 and 2/3 of the model's latency in the
-runtime's cached profile at that batch size (where the runtime starts), in release and compact mode, once with thresholds that let nothing exit (the
-cost a never-exiting sample pays) and once with each ramp's threshold at its median confidence
-on the batch (about half the rows exit at the first ramp, a quarter at the second). This is the
+runtime's cached profile at that batch size (where the runtime starts), in release and compact
+mode, three ways: "closed" (no ramp may exit yet: the ramps are evaluated for the monitor, nothing
+is released or compacted), "open" (open thresholds above every confidence: the cost a
+never-exiting sample pays) and "exits" (each ramp's threshold at its median confidence on the
+batch: about half the rows exit at the first ramp, a quarter at the second). This is the
 serving thread's whole cost per batch: segments, ramps, releases and the outcome; the controller
 records feedback on its own thread and is not included. One thread; the candidates run
 interleaved, call by call, so the machine's drift hits them alike; printed: median milliseconds
@@ -42,17 +44,17 @@ def candidates(workload, ee, inputs, sites):
 
     found = {"vanilla": vanilla}
     for mode in ("release", "compact"):
-        for exits in (False, True):
+        for case in ("closed", "open", "exits"):
             forward = EarlyExitForward(ee, mode=mode)
             forward.set_active(sites)
-            if exits:
+            thresholds = np.full(len(ee.sites), SAFE_THRESHOLD)
+            if case == "open":  # finite, so open, but above every confidence
+                thresholds[list(sites)] = 2.0
+            elif case == "exits":
                 probe = forward(*inputs).site_confidence
-                for site in sites:
-                    forward.thresholds[site] = float(np.median(probe[:, site]))
-            else:
-                forward.thresholds.fill_(SAFE_THRESHOLD)
-            found[f"{mode}{', exits' if exits else ''}"] = (
-                lambda forward=forward: forward(*inputs))
+                thresholds[list(sites)] = np.median(probe[:, list(sites)], axis=0)
+            forward.set_thresholds(thresholds)
+            found[f"{mode}, {case}"] = lambda forward=forward: forward(*inputs)
     return found
 
 

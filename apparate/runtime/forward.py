@@ -188,7 +188,11 @@ def _rows(origin: Tensor | None, count: Tensor | None, view: int) -> tuple[np.nd
 class EarlyExitForward:
     """Runs an ``EEModel`` with ramps at ``active`` sites and thresholds in a device tensor.
 
-    ``thresholds`` (S,) float32 lives on the device; the controller overwrites it in place.
+    ``thresholds`` (S,) float32 lives on the device; ``set_thresholds`` overwrites it in place
+    (write it only through that method: the host also keeps which sites are closed). A closed
+    site (threshold ``SAFE_THRESHOLD``) lets nothing exit, and the host knows it without reading
+    the device: its ramp is still evaluated (the monitor needs its confidences to open it later),
+    but nothing is released or compacted there.
     """
 
     def __init__(self, ee: EEModel, *, mode: str = "release", feedback_fraction: float = 0.1,
@@ -203,6 +207,7 @@ class EarlyExitForward:
         self.device = torch.device(device)
         sites = len(ee.sites)
         self.thresholds = torch.full((sites,), SAFE_THRESHOLD, device=self.device)
+        self.closed = frozenset(range(sites))
         # Per-site 0-dim views of ``thresholds``: in-place updates show through, and the
         # forward does not index the tensor at every ramp.
         self.site_thresholds = [self.thresholds[i] for i in range(sites)]
@@ -216,6 +221,15 @@ class EarlyExitForward:
         if any(not 0 <= a < len(self.ee.sites) for a in active):
             raise ValueError(f"active sites must be in [0, {len(self.ee.sites)}); got {active}")
         self.active = frozenset(active)
+
+    def set_thresholds(self, thresholds) -> None:
+        """Write (S,) thresholds, one per candidate site (``SAFE_THRESHOLD`` = closed)."""
+        values = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+        if values.shape != (len(self.ee.sites),) or np.isnan(values).any():
+            raise ValueError(f"thresholds: expected {len(self.ee.sites)} values, no NaN; "
+                             f"got {values.tolist()}")
+        self.thresholds.copy_(torch.from_numpy(values))
+        self.closed = frozenset(np.flatnonzero(values == SAFE_THRESHOLD).tolist())
 
     @torch.no_grad()
     def launch(self, *inputs: Tensor, on_release: ReleaseCallback | None = None) -> PendingBatch:
@@ -232,7 +246,7 @@ class EarlyExitForward:
         # whether the row keeps running after it exits (``keeps_running``, the feedback rows);
         # both follow the state through each compaction.
         origin = keeps_running = alive = count = None
-        active = self.active
+        active, closed = self.active, self.closed
         state = backbone.enter(*inputs)
         for index, segment in enumerate(backbone.segments):
             state = segment(state)
@@ -243,6 +257,10 @@ class EarlyExitForward:
             result = apparate.ramp_exit(state[0], self.weights[index], self.biases[index],
                                         self.site_thresholds[index], pool=site.pool, mask=mask,
                                         alive=alive)
+            if index in closed:  # nothing exits here: only the monitor reads this ramp
+                pending.ramps.append((index, result.confidence, result.prediction,
+                                      result.exit_mask, origin, count))
+                continue
             if not compact:
                 pending.ramps.append((index, result.confidence, result.prediction,
                                       result.exit_mask, None, None))

@@ -202,7 +202,7 @@ class Runtime:
         if len(change.thresholds):
             thresholds[list(change.active)] = change.thresholds
         self.forward.set_active(change.active)
-        self.forward.thresholds.copy_(torch.from_numpy(thresholds))
+        self.forward.set_thresholds(thresholds)
         self._active = change.active
         self._thresholds = np.asarray(change.thresholds if len(change.thresholds)
                                       else np.full(len(change.active), SAFE_THRESHOLD))

@@ -35,6 +35,14 @@ def bert():
     return ee, (ids, mask), vanilla
 
 
+def _set(forward, thresholds: dict[int, float]) -> None:
+    """Open the given sites at the given thresholds; close every other one."""
+    values = np.full(len(forward.ee.sites), np.inf)
+    for site, value in thresholds.items():
+        values[site] = value
+    forward.set_thresholds(values)
+
+
 def _check_outcome(out, vanilla, mode):
     exited = out.exit_site >= 0
     # An exited row's answer is its exit ramp's prediction; every other answer is the model's.
@@ -67,8 +75,7 @@ def test_two_ramp_forward_without_host_sync(request, mode, model):
     forward.set_active([0, 2])
     # Thresholds at the median confidence: about half the rows exit at the first ramp.
     probe = forward(*inputs).site_confidence
-    forward.thresholds[0] = float(np.median(probe[:, 0]))
-    forward.thresholds[2] = float(np.median(probe[:, 2]))
+    _set(forward, {0: float(np.median(probe[:, 0])), 2: float(np.median(probe[:, 2]))})
     released = []
     with forbid_host_sync() as checker:
         pending = forward.launch(*inputs, on_release=lambda rows, *_: released.append(rows))
@@ -87,7 +94,7 @@ def test_compact_mode_keeps_feedback_rows(cnn):
     ee, x, vanilla = cnn
     forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.5, seed=1)
     forward.set_active([0])
-    forward.thresholds.fill_(0.0)  # every row exits at the first ramp
+    _set(forward, {0: 0.0})  # every row exits at the first ramp
     out = forward(x)
     assert (out.exit_site == 0).all()
     reached = out.final_prediction >= 0
@@ -99,10 +106,31 @@ def test_threshold_changes_take_effect_between_batches(cnn):
     ee, x, _ = cnn
     forward = EarlyExitForward(ee)
     forward.set_active([1])
-    forward.thresholds[1] = 0.0
+    _set(forward, {1: 0.0})
     assert (forward(x).exit_site == 1).all()
-    forward.thresholds[1] = 2.0
+    _set(forward, {1: 2.0})
     assert (forward(x).exit_site == -1).all()
+    _set(forward, {})
+    assert (forward(x).exit_site == -1).all()
+
+
+@pytest.mark.parametrize("mode", ["release", "compact"])
+def test_a_closed_ramp_is_evaluated_but_releases_and_compacts_nothing(cnn, mode):
+    ee, x, vanilla = cnn
+    forward = EarlyExitForward(ee, mode=mode, feedback_fraction=0.25)
+    forward.set_active([0, 2])
+    probe = forward(x).site_confidence
+    _set(forward, {2: float(np.median(probe[:, 2]))})  # site 0 closed, site 2 open
+    released = []
+    with forbid_host_sync() as checker:
+        pending = forward.launch(x, on_release=lambda rows, _, site, __: released.append(site))
+    out = pending.wait()
+    _check_outcome(out, vanilla, mode)
+    assert sum("ramp_exit" in op for op in checker.seen) == 2
+    assert sum("compact_rows" in op for op in checker.seen) == (1 if mode == "compact" else 0)
+    assert np.isfinite(out.site_confidence[:, 0]).all(), "the monitor still sees the closed ramp"
+    assert 0 not in released and (out.exit_site != 0).all()
+    assert 0 < (out.exit_site == 2).sum() < len(vanilla)
 
 
 def test_bad_configuration(cnn):
@@ -113,6 +141,10 @@ def test_bad_configuration(cnn):
         EarlyExitForward(ee, feedback_fraction=1.5)
     with pytest.raises(ValueError, match="active sites"):
         EarlyExitForward(ee).set_active([7])
+    with pytest.raises(ValueError, match="thresholds"):
+        EarlyExitForward(ee).set_thresholds([0.5])
+    with pytest.raises(ValueError, match="thresholds"):
+        EarlyExitForward(ee).set_thresholds([np.nan] * len(ee.sites))
 
 
 @pytest.mark.parametrize("model", ["cnn", "bert"])
@@ -124,8 +156,7 @@ def test_compact_mode_on_a_stale_view(request, monkeypatch, model):
     forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.25, seed=3)
     forward.set_active([0, 2])
     probe = forward(*inputs).site_confidence
-    forward.thresholds[0] = float(np.median(probe[:, 0]))
-    forward.thresholds[2] = float(np.median(probe[:, 2]))
+    _set(forward, {0: float(np.median(probe[:, 0])), 2: float(np.median(probe[:, 2]))})
     prompt = forward(*inputs)
 
     class LateCount(forward_module.DeviceToHost):
