@@ -287,10 +287,12 @@ class Runtime:
                 start = np.array([old.get(s, SAFE_THRESHOLD) for s in active])
                 thresholds = self.tuner.tune(feedback, active, start=start)
                 reason = decision.reason
-        if reason is not None:
-            with self._lock:
-                self._staged = ConfigChange(tuple(active), np.asarray(thresholds), reason)
-                self._active, self._thresholds = tuple(active), np.asarray(thresholds)
+        thresholds = np.asarray(thresholds)
+        if reason is not None and (tuple(active) != self._active
+                                   or not np.array_equal(thresholds, self._thresholds)):
+            with self._lock:  # staged only when it changes something
+                self._staged = ConfigChange(tuple(active), thresholds, reason)
+                self._active, self._thresholds = tuple(active), thresholds
             log.info("apparate: %s -> active %s thresholds %s", reason, active,
                      np.round(thresholds, 3).tolist())
 
