@@ -20,6 +20,10 @@ Each ``decide`` (the controller calls it once per ``interval`` new feedback rows
    none is active); if that is not possible (the shallowest ramp is at site 0, or the site does
    not fit the budget), at the middle of the widest gap between adjacent active ramps that fits;
 4. otherwise "keep".
+A site removed for negative utility is barred from coming back (by an add or a replacement) for
+``cooldown`` decisions, twice as long after each further removal: a ramp the tuner cannot open
+(the error budget already goes to the ramps before it) would otherwise be added, found losing and
+removed again and again, with a re-tune each time.
 Budget: the cost a non-exiting sample pays for the active ramps, sum(ramp_ms[active]) /
 vanilla_ms, never exceeds ``ramp_budget`` in a returned active set.
 """
@@ -42,11 +46,13 @@ KINDS = ("keep", "retune", "replace", "add")
 class AdjusterConfig:
     """ramp_budget: largest ramp overhead of a non-exiting sample, as a fraction of vanilla;
     interval: feedback rows between decisions; patience: consecutive negative decisions before
-    a ramp is acted on."""
+    a ramp is acted on; cooldown: decisions a site removed for the first time stays barred
+    (doubling with each further removal)."""
 
     ramp_budget: float = 0.02
     interval: int = 128
     patience: int = 2
+    cooldown: int = 8
 
     def __post_init__(self) -> None:
         if self.ramp_budget < 0:
@@ -55,6 +61,8 @@ class AdjusterConfig:
             raise ValueError(f"interval: expected >= 1, got {self.interval}")
         if self.patience < 1:
             raise ValueError(f"patience: expected >= 1, got {self.patience}")
+        if self.cooldown < 0:
+            raise ValueError(f"cooldown: expected >= 0, got {self.cooldown}")
 
 
 @dataclass(frozen=True)
@@ -87,15 +95,22 @@ class RampAdjuster:
     calls (one adjuster per runtime, no global state)."""
 
     def __init__(self, profile: LatencyProfile, ramp_budget: float = 0.02, interval: int = 128,
-                 patience: int = 2) -> None:
+                 patience: int = 2, cooldown: int = 8) -> None:
         self.profile = profile
-        self.config = AdjusterConfig(ramp_budget, interval, patience)
+        self.config = AdjusterConfig(ramp_budget, interval, patience, cooldown)
         self._streak: dict[int, int] = {}  # site -> consecutive negative decisions
         self._retuned: set[int] = set()  # sites re-tuned during their current streak
+        self._decisions = 0
+        self._removals: dict[int, int] = {}  # site -> times removed for negative utility
+        self._barred_until: dict[int, int] = {}  # site -> first decision it may come back at
 
     def due(self, rows_since_last_decision: int) -> bool:
         """Whether enough new feedback has arrived for the next ``decide``."""
         return rows_since_last_decision >= self.config.interval
+
+    def barred(self, site: int) -> bool:
+        """Whether ``site`` was removed for negative utility too recently to come back."""
+        return self._decisions < self._barred_until.get(site, 0)
 
     def _fits(self, sites: Sequence[int]) -> bool:
         return self.profile.ramp_overhead(sorted(sites)) <= self.config.ramp_budget + 1e-12
@@ -104,6 +119,7 @@ class RampAdjuster:
                thresholds: Sequence[float] | np.ndarray) -> Decision:
         """Next active set for ``feedback`` (n, S) observed under ``thresholds`` (A,)."""
         sites = [int(s) for s in validate_active(active, self.profile.num_sites)]
+        self._decisions += 1
         utility = ramp_utility(feedback, sites, thresholds, self.profile)
         by_site = dict(zip(sites, utility.tolist()))
         for s in list(self._streak):
@@ -133,7 +149,8 @@ class RampAdjuster:
             if site is not None:
                 return Decision("add", tuple(sorted(sites + [site])),
                                 f"all ramps pay off: add site {site}")
-            return Decision("keep", tuple(sites), "all ramps pay off; no site fits the budget")
+            return Decision("keep", tuple(sites), "all ramps pay off; no site fits the budget or may "
+                            "come back yet")
         negative = [s for s in sites if by_site[s] < 0]
         return Decision("keep", tuple(sites), f"negative utility at {negative}, within patience"
                         if negative else "some ramps break even")
@@ -156,14 +173,17 @@ class RampAdjuster:
     def _replace(self, sites: list[int], site: int, by_site: dict[int, float]) -> Decision:
         rest = [s for s in sites if s != site]
         self._forget(site)
+        self._removals[site] = self._removals.get(site, 0) + 1
+        self._barred_until[site] = (self._decisions
+                                    + self.config.cooldown * 2 ** (self._removals[site] - 1))
         for deeper in range(site + 1, self.profile.num_sites):
-            if deeper not in rest and self._fits(rest + [deeper]):
+            if deeper not in rest and not self.barred(deeper) and self._fits(rest + [deeper]):
                 return Decision("replace", tuple(sorted(rest + [deeper])),
                                 f"site {site} still negative ({by_site[site]:.4g} ms) after "
                                 f"re-tuning: replaced by deeper site {deeper}")
         return Decision("replace", tuple(rest),
                         f"site {site} still negative ({by_site[site]:.4g} ms) after re-tuning: "
-                        f"removed, no deeper site fits")
+                        f"removed, no deeper site fits or may come back yet")
 
     def _site_to_add(self, sites: list[int]) -> int | None:
         shallowest = sites[0] if sites else self.profile.num_sites
@@ -171,6 +191,6 @@ class RampAdjuster:
         gaps = sorted(zip(sites, sites[1:]), key=lambda g: g[0] - g[1])  # widest first
         options += [(lo + hi) // 2 for lo, hi in gaps if hi - lo > 1]
         for site in options:
-            if self._fits(sites + [site]):
+            if not self.barred(site) and self._fits(sites + [site]):
                 return site
         return None

@@ -500,6 +500,28 @@ def test_adjuster_respects_the_ramp_budget():
     assert d.kind == "replace" and d.active == (5, 6)  # site 4 costs 0.3 ms: skipped
 
 
+def test_adjuster_bars_a_removed_site_twice_as_long_each_time():
+    profile = uniform_profile(4)
+    adjuster = RampAdjuster(profile, ramp_budget=0.1, patience=1, cooldown=4)
+    conf = np.zeros((100, 4))
+    conf[:50, 2] = 1.0  # half exit at site 2; the rest pass every ramp
+    fb = Feedback(conf, np.ones((100, 4), dtype=bool))
+    active: tuple[int, ...] = (2,)
+    kinds = []
+    for _ in range(17):
+        d = adjuster.decide(fb, active, [0.5 if s == 2 else SAFE_THRESHOLD for s in active])
+        kinds.append((d.kind, d.active))
+        active = d.active
+    add, retune, keep = ("add", (1, 2)), ("retune", (1, 2)), ("keep", (2,))
+    # Site 1 is added, loses, and is replaced by site 3, which loses and goes; site 1 is barred
+    # for 4 decisions after its first removal (decision 3), for 8 after its second (decision 9).
+    assert kinds == [add, retune, ("replace", (2, 3)), ("retune", (2, 3)), ("replace", (2,)),
+                     keep,
+                     add, retune, ("replace", (2, 3)), ("retune", (2, 3)), ("replace", (2,)),
+                     keep, keep, keep, keep, keep,
+                     add]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_adjuster_never_returns_an_active_set_over_budget(seed):
     rng = np.random.default_rng(seed)
