@@ -6,6 +6,8 @@ Modes (shared/DESIGN.md section 2):
 - ``compact``: exited rows leave the batch through ``compact_rows`` (every state tensor,
   in place) and later segments run on fewer rows; a ``feedback_fraction`` of rows is marked at
   the start of the batch to keep running after they exit, so the monitor still sees agreement.
+  When a ramp's exits reach the host before its compaction is launched (on a CPU, always) and
+  no row leaves there, the compaction is skipped.
 
 Nothing in ``EarlyExitForward.launch`` waits for the device. The host learns which rows exited,
 and in compact mode the live row count, only through ``channel.DeviceToHost`` slots it polls;
@@ -129,6 +131,9 @@ class PendingBatch:
         self.final: tuple | None = None
         self.release_time = np.full(batch, np.nan)
         self.unreleased = np.ones(batch, dtype=bool)
+        # Compact mode, per site whose exits have arrived: whether any row leaves the batch
+        # there (it exited and is not kept running as feedback).
+        self.leaving: dict[int, bool] = {}
 
     def poll(self) -> None:
         """Release every exit whose values have arrived; never waits. A row is released once:
@@ -143,6 +148,7 @@ class PendingBatch:
             if len(value) == 3:  # compact mode: positions of the view -> original rows
                 positions = np.flatnonzero(exited)
                 rows = value[2][positions]
+                self.leaving[site] = not self.feedback[rows].all()
                 fresh = self.unreleased[rows]
                 rows, positions = rows[fresh], positions[fresh]
             else:
@@ -275,6 +281,9 @@ class EarlyExitForward:
                                   origin, count))
             pending.releases.append(
                 (index, DeviceToHost(result.exit_mask, result.prediction, origin)))
+            pending.poll()
+            if pending.leaving.get(index) is False:  # the exits are known and every row stays
+                continue
             keep = result.exit_mask <= keeps_running  # not exited, or kept running as feedback
             if alive is not None:
                 keep &= alive
@@ -282,9 +291,7 @@ class EarlyExitForward:
             for tensor in state[1:]:
                 apparate.compact_rows(tensor, keep, tensor, index_out=moved,
                                       count_out=torch.empty_like(count))
-            count_slot = DeviceToHost(count)
-            pending.poll()
-            live = count_slot.poll()
+            live = DeviceToHost(count).poll()
             if live is None:  # later segments run on the stale view, its dead rows masked
                 moved = moved.clamp(min=0)
                 alive = torch.arange(moved.shape[0], device=self.device) < count

@@ -102,6 +102,24 @@ def test_compact_mode_keeps_feedback_rows(cnn):
     assert (out.final_prediction[reached] == vanilla[reached]).all()
 
 
+@pytest.mark.parametrize("feedback_fraction, threshold", [(0.0, 2.0), (1.0, 0.0)])
+def test_compact_mode_skips_the_compaction_where_no_row_leaves(cnn, feedback_fraction,
+                                                                 threshold):
+    """Open ramps where nothing exits, and ramps where every row exits but all keep running as
+    feedback: the exits are known at once on a CPU, so nothing is compacted."""
+    ee, x, vanilla = cnn
+    forward = EarlyExitForward(ee, mode="compact", feedback_fraction=feedback_fraction)
+    forward.set_active([0, 2])
+    _set(forward, {0: threshold, 2: threshold})
+    with forbid_host_sync() as checker:
+        pending = forward.launch(x)
+    out = pending.wait()
+    _check_outcome(out, vanilla, "compact")
+    assert not any("compact_rows" in op for op in checker.seen)
+    assert (out.final_prediction == vanilla).all(), "every row ran to the final head"
+    assert (out.exit_site == (0 if threshold == 0.0 else -1)).all()
+
+
 def test_threshold_changes_take_effect_between_batches(cnn):
     ee, x, _ = cnn
     forward = EarlyExitForward(ee)
