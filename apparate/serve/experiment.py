@@ -42,6 +42,7 @@ class ExperimentConfig:
     saturation_requests: int = 1000
     saturation_repeats: int = 5  # throughput: median of this many alternating saturated runs
     repeats: int = 1  # stream runs per side (a fresh runtime each); latency figures are medians
+    full_stream: bool = False  # nlp-sentiment: every tweet left, not the first 3,000
     seed: int = 0
 
     def __post_init__(self):
@@ -297,7 +298,7 @@ def _saturated(cfg, workload, runtime, batching) -> tuple[list[float], list[floa
 def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     say(f"workload {cfg.workload}: loading (the first run trains and caches its model)")
-    workload = load_workload(cfg.workload, progress=progress)
+    workload = load_workload(cfg.workload, progress=progress, full_stream=cfg.full_stream)
     say(workload.description)
     ee = ramps_for(workload, progress)
     threads = torch.get_num_threads()

@@ -44,10 +44,12 @@ class Workload:
     description: str
 
 
-def load_workload(name: str, *, progress: bool = True) -> Workload:
+def load_workload(name: str, *, progress: bool = True, full_stream: bool = False) -> Workload:
     """Build workload ``name`` (one of WORKLOADS); the first call may train and cache its model.
 
-    progress: show progress bars (on stderr) while training or preparing inputs.
+    progress: show progress bars (on stderr) while training or preparing inputs; full_stream:
+    nlp-sentiment serves every tweet left after the ramps' share (about 17,000) rather than the
+    first 3,000 (the other workloads always serve their whole stream).
     """
     if name == "cv-fashion":
         from apparate.workloads.fashion import load_fashion_workload
@@ -56,7 +58,7 @@ def load_workload(name: str, *, progress: bool = True) -> Workload:
     if name == "nlp-sentiment":
         from apparate.workloads.sentiment import load_sentiment_workload
 
-        return load_sentiment_workload(progress)
+        return load_sentiment_workload(progress, full_stream)
     if name == "cv-video":
         from apparate.workloads.video import load_video_workload
 

