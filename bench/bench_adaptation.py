@@ -52,7 +52,7 @@ def main() -> None:
     profile = LatencyProfile(tuple(rng.uniform(0.5, 2.0, NUM_SITES + 1)),
                              tuple(rng.uniform(0.005, 0.02, NUM_SITES)))
     tuner = ThresholdTuner(profile)
-    adjuster = RampAdjuster(profile, ramp_budget=0.05)
+    adjuster = RampAdjuster(profile, ramp_budget=0.05, tuner=tuner)  # as the runtime builds it
     windows = [synthetic_window(rng) for _ in range(reps)]
     tuner.tune(windows[0], ACTIVE)  # warm-up
 

@@ -15,12 +15,19 @@ Each ``decide`` (the controller calls it once per ``interval`` new feedback rows
    set is unchanged, the controller re-tunes thresholds); if it is still negative at a later
    decision it is removed and replaced by the next deeper candidate site that is not active and
    fits the budget, or just removed when none does ("replace");
-3. when every ramp pays off (utility > 0, or no ramp is active), one ramp is added ("add"): at the
+3. with a ``tuner``, when two or more ramps are active: the error budget is shared, and each
+   ramp the tuner opens is charged an unseen wrong answer, so a ramp with positive utility can
+   still cost more than it saves by squeezing the thresholds of the others. For every active
+   ramp with at least ``min_rows`` evaluated rows in the window, the thresholds are tuned from
+   the safe point without it; if the expected latency per sample on the window (ramp costs
+   included) then beats the active set's own tuned latency by ``prune_margin`` of the model's
+   latency, the ramp whose removal saves most is removed ("replace");
+4. when every ramp pays off (utility > 0, or no ramp is active), one ramp is added ("add"): at the
    site halfway between the input (site 0) and the shallowest active ramp (or the output when
    none is active); if that is not possible (the shallowest ramp is at site 0, or the site does
    not fit the budget), at the middle of the widest gap between adjacent active ramps that fits;
-4. otherwise "keep".
-A site removed for negative utility is barred from coming back (by an add or a replacement) for
+5. otherwise "keep".
+A site removed for negative utility (or pruned in step 3) is barred from coming back (by an add or a replacement) for
 ``cooldown`` decisions, twice as long after each further removal: a ramp the tuner cannot open
 (the error budget already goes to the ramps before it) would otherwise be added, found losing and
 removed again and again, with a re-tune each time.
@@ -37,7 +44,8 @@ import numpy as np
 
 from apparate.runtime.feedback import Feedback
 from apparate.runtime.latency import LatencyProfile, validate_active
-from apparate.runtime.policy import check_sites, exit_site_per_sample
+from apparate.runtime.policy import check_sites, evaluate, exit_site_per_sample
+from apparate.runtime.tuner import ThresholdTuner
 
 KINDS = ("keep", "retune", "replace", "add")
 
@@ -95,9 +103,13 @@ class RampAdjuster:
     calls (one adjuster per runtime, no global state)."""
 
     def __init__(self, profile: LatencyProfile, ramp_budget: float = 0.02, interval: int = 128,
-                 patience: int = 2, cooldown: int = 8) -> None:
+                 patience: int = 2, cooldown: int = 8, tuner: ThresholdTuner | None = None,
+                 min_rows: int = 256, prune_margin: float = 0.005) -> None:
         self.profile = profile
         self.config = AdjusterConfig(ramp_budget, interval, patience, cooldown)
+        self.tuner = tuner
+        self.min_rows = min_rows
+        self.prune_margin = prune_margin
         self._streak: dict[int, int] = {}  # site -> consecutive negative decisions
         self._retuned: set[int] = set()  # sites re-tuned during their current streak
         self._decisions = 0
@@ -144,6 +156,11 @@ class RampAdjuster:
                             f"sites {due} had negative utility for {self.config.patience} "
                             f"decisions: re-tune thresholds before removing them")
 
+        if self.tuner is not None and len(sites) >= 2:
+            pruned = self._prune(feedback, sites)
+            if pruned is not None:
+                return pruned
+
         if all(u > 0 for u in by_site.values()):
             site = self._site_to_add(sites)
             if site is not None:
@@ -170,12 +187,35 @@ class RampAdjuster:
         return Decision("replace", tuple(kept),
                         f"active set over the ramp budget: removed lowest-utility sites {removed}")
 
-    def _replace(self, sites: list[int], site: int, by_site: dict[int, float]) -> Decision:
-        rest = [s for s in sites if s != site]
+    def _bar(self, site: int) -> None:
         self._forget(site)
         self._removals[site] = self._removals.get(site, 0) + 1
         self._barred_until[site] = (self._decisions
                                     + self.config.cooldown * 2 ** (self._removals[site] - 1))
+
+    def _tuned_ms(self, feedback: Feedback, sites: list[int]) -> float:
+        thresholds = self.tuner.tune(feedback, sites)
+        return evaluate(feedback, sites, thresholds, self.profile).mean_latency_ms
+
+    def _prune(self, feedback: Feedback, sites: list[int]) -> Decision | None:
+        """Step 3 of the module doc: the ramp without which the tuner saves the most, if any."""
+        seen = (~np.isnan(feedback.confidence[:, sites])).sum(axis=0)
+        judged = [s for s, rows in zip(sites, seen.tolist()) if rows >= self.min_rows]
+        if not judged:
+            return None
+        base = self._tuned_ms(feedback, sites)
+        without = {s: self._tuned_ms(feedback, [x for x in sites if x != s]) for s in judged}
+        site = min(without, key=without.__getitem__)
+        if without[site] > base - self.prune_margin * self.profile.vanilla_ms:
+            return None
+        self._bar(site)
+        return Decision("replace", tuple(x for x in sites if x != site),
+                        f"without site {site} the tuner saves more on this window "
+                        f"({without[site]:.4g} against {base:.4g} ms per sample): removed")
+
+    def _replace(self, sites: list[int], site: int, by_site: dict[int, float]) -> Decision:
+        rest = [s for s in sites if s != site]
+        self._bar(site)
         for deeper in range(site + 1, self.profile.num_sites):
             if deeper not in rest and not self.barred(deeper) and self._fits(rest + [deeper]):
                 return Decision("replace", tuple(sorted(rest + [deeper])),

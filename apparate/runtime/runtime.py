@@ -103,7 +103,7 @@ class Runtime:
         # still hold on the requests that come next, in (nearly) every window of them.
         self.tuner = ThresholdTuner(self.latency, accuracy_constraint * tuning_margin)
         self.monitor = ThresholdTuner(self.latency, accuracy_constraint)
-        self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every)
+        self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every, tuner=self.tuner)
         self.window = FeedbackWindow(len(ee.sites), window)
         if min_feedback is None:
             min_feedback = window // 2 if mode == "compact" else 128
