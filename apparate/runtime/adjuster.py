@@ -21,7 +21,8 @@ Each ``decide`` (the controller calls it once per ``interval`` new feedback rows
    ramp with at least ``min_rows`` evaluated rows in the window, the thresholds are tuned from
    the safe point without it; if the expected latency per sample on the window (ramp costs
    included) then beats the active set's own tuned latency by ``prune_margin`` of the model's
-   latency, the ramp whose removal saves most is removed ("replace");
+   latency, the ramp whose removal saves most is removed ("replace"); checked once every
+   ``cooldown`` decisions;
 4. when every ramp pays off (utility > 0, or no ramp is active), one ramp is added ("add"): at the
    site halfway between the input (site 0) and the shallowest active ramp (or the output when
    none is active); if that is not possible (the shallowest ramp is at site 0, or the site does
@@ -110,6 +111,7 @@ class RampAdjuster:
         self.tuner = tuner
         self.min_rows = min_rows
         self.prune_margin = prune_margin
+        self._next_prune = 0  # decision number of the next pruning check (one per cooldown)
         self._streak: dict[int, int] = {}  # site -> consecutive negative decisions
         self._retuned: set[int] = set()  # sites re-tuned during their current streak
         self._decisions = 0
@@ -198,7 +200,11 @@ class RampAdjuster:
         return evaluate(feedback, sites, thresholds, self.profile).mean_latency_ms
 
     def _prune(self, feedback: Feedback, sites: list[int]) -> Decision | None:
-        """Step 3 of the module doc: the ramp without which the tuner saves the most, if any."""
+        """Step 3 of the module doc: the ramp without which the tuner saves the most, if any.
+        Checked once every ``cooldown`` decisions (its re-tunes are the adjuster's main cost)."""
+        if self._decisions < self._next_prune:
+            return None
+        self._next_prune = self._decisions + self.config.cooldown
         seen = (~np.isnan(feedback.confidence[:, sites])).sum(axis=0)
         judged = [s for s, rows in zip(sites, seen.tolist()) if rows >= self.min_rows]
         if not judged:
