@@ -6,10 +6,11 @@
 
 The forward runs two ramps, at the sites nearest 1/3 and 2/3 of the model's latency in the
 runtime's cached profile at that batch size (where the runtime starts), in release and compact
-mode, three ways: "closed" (no ramp may exit yet: the ramps are evaluated for the monitor, nothing
-is released or compacted), "open" (open thresholds above every confidence: the ramps' exits
-are read and found empty, so in compact mode nothing is compacted either) and "exits" (each ramp's threshold at its median confidence on the
-batch: about half the rows exit at the first ramp, a quarter at the second). This is the
+mode, three ways: "closed" (no ramp may exit yet: the ramps are evaluated for the monitor,
+nothing is released or compacted), "open" (open thresholds above every confidence: the ramps'
+exits are read and found empty, so in compact mode nothing is compacted either) and "exits"
+(each ramp's threshold at its median confidence on the batch: about half the rows exit at the
+first ramp, a quarter at the second). This is the
 serving thread's whole cost per batch: segments, ramps, releases and the outcome; the controller
 records feedback on its own thread and is not included. One thread; the candidates run
 interleaved, call by call, so the machine's drift hits them alike; printed: median milliseconds

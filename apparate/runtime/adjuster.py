@@ -28,10 +28,10 @@ Each ``decide`` (the controller calls it once per ``interval`` new feedback rows
    none is active); if that is not possible (the shallowest ramp is at site 0, or the site does
    not fit the budget), at the middle of the widest gap between adjacent active ramps that fits;
 5. otherwise "keep".
-A site removed for negative utility (or pruned in step 3) is barred from coming back (by an add or a replacement) for
-``cooldown`` decisions, twice as long after each further removal: a ramp the tuner cannot open
-(the error budget already goes to the ramps before it) would otherwise be added, found losing and
-removed again and again, with a re-tune each time.
+A site removed for negative utility (or pruned in step 3) is barred from coming back, by an add
+or a replacement, for ``cooldown`` decisions, twice as long after each further removal: a ramp
+the tuner cannot open (the error budget already goes to the ramps before it) would otherwise be
+added, found losing and removed again and again, with a re-tune each time.
 Budget: the cost a non-exiting sample pays for the active ramps, sum(ramp_ms[active]) /
 vanilla_ms, never exceeds ``ramp_budget`` in a returned active set.
 """
@@ -123,7 +123,8 @@ class RampAdjuster:
         return rows_since_last_decision >= self.config.interval
 
     def barred(self, site: int) -> bool:
-        """Whether ``site`` was removed for negative utility too recently to come back."""
+        """Whether ``site`` was removed (negative utility, or pruned) too recently to come
+        back."""
         return self._decisions < self._barred_until.get(site, 0)
 
     def _fits(self, sites: Sequence[int]) -> bool:
@@ -168,8 +169,8 @@ class RampAdjuster:
             if site is not None:
                 return Decision("add", tuple(sorted(sites + [site])),
                                 f"all ramps pay off: add site {site}")
-            return Decision("keep", tuple(sites), "all ramps pay off; no site fits the budget or may "
-                            "come back yet")
+            return Decision("keep", tuple(sites),
+                            "all ramps pay off; no site fits the budget or may come back yet")
         negative = [s for s in sites if by_site[s] < 0]
         return Decision("keep", tuple(sites), f"negative utility at {negative}, within patience"
                         if negative else "some ramps break even")

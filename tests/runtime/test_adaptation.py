@@ -549,12 +549,16 @@ def test_adjuster_prunes_a_ramp_that_squeezes_the_others_out_of_the_error_budget
     assert adjuster.barred(4)
     # Without a tuner the adjuster sees only per-ramp utility, and both ramps pass it.
     assert RampAdjuster(profile, ramp_budget=0.1).decide(fb, [1, 4], both).active != (1,)
-    # A ramp with too few evaluated rows is not judged yet.
+    # A ramp with too few evaluated rows is not judged yet; and the check runs once every
+    # ``cooldown`` decisions, so the full window seen next is not judged either, until then.
     young = fb.confidence.copy()
-    young[:300, 4] = np.nan
-    d = RampAdjuster(profile, ramp_budget=0.1, tuner=tuner).decide(
-        Feedback(young, fb.agree), [1, 4], both)
-    assert d.active != (1,)
+    young[:150, 4] = np.nan  # 250 evaluated rows, all of site 4's exits: below min_rows (256)
+    adjuster = RampAdjuster(profile, ramp_budget=0.1, tuner=tuner, cooldown=3, patience=10)
+    assert adjuster.decide(Feedback(young, fb.agree), [1, 4], both).active == (1, 4)
+    assert adjuster.decide(fb, [1, 4], both).active == (1, 4)
+    assert adjuster.decide(fb, [1, 4], both).active == (1, 4)
+    d = adjuster.decide(fb, [1, 4], both)
+    assert d.kind == "replace" and d.active == (1,)
 
 
 @pytest.mark.parametrize("seed", range(5))
