@@ -51,7 +51,7 @@ class Feedback:
 class FeedbackWindow:
     """Ring buffer of the ``capacity`` most recent feedback rows over ``num_sites`` sites.
 
-    Thread-safe: the serving thread records while the controller thread takes snapshots.
+    Thread-safe: one thread may record while another takes snapshots.
     """
 
     def __init__(self, num_sites: int, capacity: int = 512) -> None:

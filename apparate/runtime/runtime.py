@@ -5,37 +5,38 @@ unmodified model's.
     rt = apparate.Runtime(ee, accuracy_constraint=0.01, ramp_budget=0.02, mode="release")
     results = rt.infer(batch, on_release=lambda i, result: reply(i, result))
 
-The controller (threshold tuner + ramp adjuster) runs in a side thread on snapshots of the
-feedback window. It never touches the device tensors itself: it stages a new configuration that
-the serving thread applies between batches, so a batch always runs with one consistent set.
+The controller (threshold tuner + ramp adjuster, ``controller.Controller``) runs in a process of
+its own beside serving (``background=True``; see ``controller`` for why not a thread) on the
+feedback rows each batch leaves. It never touches the device tensors itself: it stages new
+configurations that the serving thread applies between batches, so a batch always runs with one
+consistent set. A script that builds a background runtime guards its entry point with
+``if __name__ == "__main__":``, as any user of ``multiprocessing``'s spawn does.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from apparate.models.ee_model import EEModel
 from apparate.runtime import profiler
-from apparate.runtime.adjuster import RampAdjuster
-from apparate.runtime.feedback import Feedback, FeedbackWindow
+from apparate.runtime.controller import (
+    ConfigChange,
+    Controller,
+    ControllerConfig,
+    ControllerProcess,
+)
 from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward
 from apparate.runtime.latency import LatencyProfile
 from apparate.runtime.policy import SAFE_THRESHOLD
-from apparate.runtime.tuner import ThresholdTuner, zero_offending
 
 log = logging.getLogger("apparate")
 
-# Feedback rows between controller steps: each step snapshots the window and checks the latest
-# rows, work that would otherwise compete with serving at every small batch.
-CONTROL_EVERY = 32
+__all__ = ["ConfigChange", "Result", "Runtime", "spread_over_latency"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,6 @@ class Result:
     exit_site: str | None
     confidence: float
     released_at: float
-
-
-@dataclass
-class ConfigChange:
-    """A configuration the controller staged: active sites and their thresholds."""
-
-    active: tuple[int, ...]
-    thresholds: np.ndarray
-    reason: str
-    at: float = field(default_factory=time.perf_counter)
 
 
 def spread_over_latency(latency: LatencyProfile, count: int) -> tuple[int, ...]:
@@ -73,10 +64,11 @@ class Runtime:
     ramp_budget: the largest extra latency a non-exiting sample may pay for ramps, as a fraction
     of the unmodified model's; window: feedback rows the tuner sees; adjust_every: feedback rows
     between ramp-set decisions; batch_size: the batch size the latency profile is taken at
-    (the typical batch of the serving loop); min_feedback: feedback rows needed before any ramp
-    may exit (default: 128 in release mode; half the window in compact mode, where once exits
-    start only ``feedback_fraction`` of the rows still give feedback, so the window must hold
-    enough rows before then); tuning_margin: thresholds are tuned to
+    (the typical batch of the serving loop); background: run the controller in its own process
+    (else in the serving thread, after each batch); min_feedback: feedback rows needed before
+    any ramp may exit (default: 128 in release mode; half the window in compact mode, where once
+    exits start only ``feedback_fraction`` of the rows still give feedback, so the window must
+    hold enough rows before then); tuning_margin: thresholds are tuned to
     ``accuracy_constraint * tuning_margin`` on the window, while a violation is the constraint
     itself broken on the latest ``adjust_every`` rows.
     """
@@ -99,35 +91,18 @@ class Runtime:
                                         device=self.device, seed=seed)
         self.profile = profiler.load_or_measure(ee, example_inputs, self.device, profile_cache)
         self.latency = self.profile.at(batch_size)
-        # Thresholds are tuned to a fraction of the constraint: what held on the window must
-        # still hold on the requests that come next, in (nearly) every window of them.
-        self.tuner = ThresholdTuner(self.latency, accuracy_constraint * tuning_margin)
-        self.monitor = ThresholdTuner(self.latency, accuracy_constraint)
-        self.adjuster = RampAdjuster(self.latency, ramp_budget, adjust_every, tuner=self.tuner)
-        self.window = FeedbackWindow(len(ee.sites), window)
         if min_feedback is None:
             min_feedback = window // 2 if mode == "compact" else 128
-        self.min_feedback = min(min_feedback, window)
         self.history: list[ConfigChange] = []
-        self._lock = threading.Lock()
-        self._staged: ConfigChange | None = None
-        self._active: tuple[int, ...] = ()
-        self._thresholds = np.zeros(0)
-        self._violations = 0
-        self._retune_at: int | None = None  # window row count at which zeroed ramps re-tune
-        self._since_adjust = 0
-        self._since_control = 0
-        self._needs_tune = True
-        self._wake = threading.Event()
-        self._inbox: collections.deque[tuple[BatchOutcome, bool]] = collections.deque()
-        self._waiting_rows = 0
-        self._stop = threading.Event()
+        self._staged: list[ConfigChange] = []
         self._apply(ConfigChange(self._initial_active(ramp_budget), np.zeros(0), "start"))
-        self._thread = None
-        if background:
-            self._thread = threading.Thread(target=self._control_loop, name="apparate-controller",
-                                            daemon=True)
-            self._thread.start()
+        config = ControllerConfig(
+            latency=self.latency, num_sites=len(ee.sites), active=self._active,
+            accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget, window=window,
+            adjust_every=adjust_every, min_feedback=min_feedback, tuning_margin=tuning_margin)
+        # In the serving thread (background=False) or in its own process.
+        self.controller = None if background else Controller(config)
+        self._process = ControllerProcess(config) if background else None
 
     # -- serving thread -------------------------------------------------------------------
 
@@ -159,42 +134,39 @@ class Runtime:
         self._apply_staged()
         could_exit = self._could_exit
         outcome = self.forward(*inputs, on_release=on_release)
-        if self._thread is None:
-            if self._record(outcome, could_exit):
-                self.control_step()
-            return outcome
-        # The controller assembles and records the outcome beside serving; it is woken once
-        # enough rows wait for it (or at once while the first tuning is pending).
-        self._inbox.append((outcome, could_exit))
-        self._waiting_rows += len(outcome.release_time)
-        if self._waiting_rows >= CONTROL_EVERY or self._needs_tune:
-            self._waiting_rows = 0
-            self._wake.set()
+        if self._process is not None:
+            self._process.record(*self._feedback_rows(outcome, could_exit))
+        elif (self.controller is not None  # None: a background runtime, closed
+              and self.controller.record(*self._feedback_rows(outcome, could_exit))):
+            self.control_step()
         return outcome
 
-    def _record(self, outcome: BatchOutcome, could_exit: bool) -> bool:
-        """Add a batch's feedback rows to the window; True when a controller step is due."""
+    @staticmethod
+    def _feedback_rows(outcome: BatchOutcome, could_exit: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A batch's feedback rows: every evaluated ramp's confidence (NaN where not evaluated)
+        and whether it agreed with the final head, (n, S) each."""
         # While nothing can exit, every row reaches the final head whatever its confidence, so
         # all of them are an unbiased sample, in compact mode too.
         rows = outcome.feedback if could_exit else outcome.final_prediction >= 0
-        if not rows.any():
-            return False
         final = outcome.final_prediction[rows]
-        self.window.record(outcome.site_confidence[rows],
-                           outcome.site_prediction[rows] == final[:, None])
-        with self._lock:
-            self._since_adjust += int(rows.sum())
-            self._since_control += int(rows.sum())
-            due = self._since_control >= CONTROL_EVERY or self._needs_tune
-            if due:
-                self._since_control = 0
-        return due  # the controller looks every CONTROL_EVERY rows, not at every small batch
+        return (outcome.site_confidence[rows],
+                outcome.site_prediction[rows] == final[:, None])
+
+    def control_step(self) -> None:
+        """One controller decision on the current window, staged for the next batch (the
+        in-thread controller, ``background=False``; also callable directly in tests)."""
+        change = self.controller.step()
+        if change is not None:
+            self._staged.append(change)
 
     def _apply_staged(self) -> None:
-        with self._lock:
-            staged, self._staged = self._staged, None
-        if staged is not None:
-            self._apply(staged)
+        if self._process is not None:
+            self._staged += self._process.changes()
+        staged, self._staged = self._staged, []
+        for change in staged:
+            log.info("apparate: %s -> active %s thresholds %s", change.reason, change.active,
+                     np.round(change.thresholds, 3).tolist())
+            self._apply(change)
 
     def _apply(self, change: ConfigChange) -> None:
         """Write a configuration to the device tensors (serving thread, between batches)."""
@@ -204,9 +176,8 @@ class Runtime:
         self.forward.set_active(change.active)
         self.forward.set_thresholds(thresholds)
         self._active = change.active
-        self._thresholds = np.asarray(change.thresholds if len(change.thresholds)
-                                      else np.full(len(change.active), SAFE_THRESHOLD))
-        self._could_exit = bool(np.isfinite(self._thresholds).any())
+        self._could_exit = bool(len(change.thresholds)
+                                and np.isfinite(np.asarray(change.thresholds)).any())
         self.history.append(change)
 
     def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
@@ -220,87 +191,12 @@ class Runtime:
                 return chosen
         return ()
 
-    # -- controller -----------------------------------------------------------------------
-
-    def _control_loop(self) -> None:
-        while not self._stop.is_set():
-            # Woken by the serving thread, or every half second to pick up the last batches
-            # before serving paused.
-            self._wake.wait(timeout=0.5)
-            self._wake.clear()
-            try:
-                due = False
-                while self._inbox:
-                    due |= self._record(*self._inbox.popleft())
-                if due:
-                    self.control_step()
-            except Exception:  # noqa: BLE001 - the controller must never stop serving
-                log.exception("apparate: controller step failed; keeping the configuration")
-
-    def control_step(self) -> None:
-        """One controller decision on the current window (also callable directly in tests)."""
-        feedback = self.window.snapshot()
-        if feedback.num_samples < self.min_feedback:
-            return  # too few samples to bound the error rate: nothing exits yet
-        with self._lock:
-            active, thresholds = self._active, self._thresholds.copy()
-            since_adjust = self._since_adjust
-        if not active:
-            return
-        reason = None
-        recent = Feedback(feedback.confidence[-self.adjuster.config.interval:],
-                          feedback.agree[-self.adjuster.config.interval:])
-        if self.monitor.violated(recent, active, thresholds):
-            self._violations += 1
-            if self._violations >= 2:
-                # Only the ramps that exited wrongly in the violating rows; they come back once
-                # a quarter of the window has been replaced by rows seen after the violation.
-                thresholds = zero_offending(thresholds, recent, active)
-                reason = "repeated violations: offending ramps zeroed"
-                self._retune_at = self.window.total_recorded + self.window.capacity // 4
-            else:
-                thresholds = self.tuner.tune(feedback, active)
-                reason = "window broke the constraint: re-tuned"
-        else:
-            self._violations = 0
-            if self._retune_at is not None and self.window.total_recorded >= self._retune_at:
-                thresholds = self.tuner.tune(feedback, active)
-                reason = "re-tuned after zeroing"
-                self._retune_at = None
-            elif self._needs_tune:
-                thresholds = self.tuner.tune(feedback, active, start=thresholds)
-                reason = "tuned"
-                self._needs_tune = feedback.num_samples < self.window.capacity // 2
-        # The adjuster judges ramps by their exits, so it waits until the window is half full:
-        # before that the tuner is still too unsure to open ramps that will pay off later.
-        settled = feedback.num_samples >= self.window.capacity // 2
-        if self._retune_at is None and settled and self.adjuster.due(since_adjust):
-            decision = self.adjuster.decide(feedback, active, thresholds)
-            with self._lock:
-                self._since_adjust = 0
-            if decision.kind == "retune":
-                thresholds = self.tuner.tune(feedback, active)
-                reason = decision.reason
-            elif tuple(decision.active) != tuple(active):
-                old = dict(zip(active, thresholds))
-                active = tuple(decision.active)
-                start = np.array([old.get(s, SAFE_THRESHOLD) for s in active])
-                thresholds = self.tuner.tune(feedback, active, start=start)
-                reason = decision.reason
-        thresholds = np.asarray(thresholds)
-        if reason is not None and (tuple(active) != self._active
-                                   or not np.array_equal(thresholds, self._thresholds)):
-            with self._lock:  # staged only when it changes something
-                self._staged = ConfigChange(tuple(active), thresholds, reason)
-                self._active, self._thresholds = tuple(active), thresholds
-            log.info("apparate: %s -> active %s thresholds %s", reason, active,
-                     np.round(thresholds, 3).tolist())
-
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Stop the controller process (serving may go on with the last configuration)."""
+        if self._process is not None:
+            self._staged += self._process.close()
+            self._process = None
+            self._apply_staged()
 
     def __enter__(self):
         return self

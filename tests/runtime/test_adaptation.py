@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from apparate.runtime.adjuster import RampAdjuster, ramp_utility
+from apparate.runtime.controller import FeedbackRing
 from apparate.runtime.feedback import Feedback, FeedbackWindow
 from apparate.runtime.latency import LatencyProfile
 from apparate.runtime.oracle import oracle_outcome
@@ -128,6 +129,43 @@ def test_window_thread_safety_smoke():
 
 
 # --- policy -----------------------------------------------------------------------------------
+
+def _rows(first, count, sites=3):
+    """Rows numbered first.. (their confidence is the number, agreement its parity)."""
+    numbers = np.arange(first, first + count, dtype=np.float32)
+    return (np.repeat(numbers[:, None], sites, 1),
+            np.repeat((numbers % 2 == 0)[:, None], sites, 1))
+
+
+def test_ring_carries_rows_in_order_across_its_end():
+    ring = FeedbackRing(num_sites=3, capacity=8)
+    try:
+        reader = FeedbackRing(num_sites=3, capacity=8, name=ring.name)  # as the process does
+        seen, got = 0, []
+        for first, count in ((0, 5), (5, 2), (7, 6), (13, 0)):  # the third write wraps
+            ring.write(*_rows(first, count))
+            confidence, agree, seen = reader.read(seen)
+            np.testing.assert_array_equal(confidence, _rows(first, count)[0])
+            np.testing.assert_array_equal(agree, _rows(first, count)[1])
+            got += confidence[:, 0].tolist()
+        assert got == list(range(13)) and seen == 13
+        reader.close()
+    finally:
+        ring.close()
+
+
+def test_ring_reader_behind_by_more_than_its_capacity_loses_the_oldest_rows():
+    ring = FeedbackRing(num_sites=2, capacity=8)
+    try:
+        ring.write(*_rows(0, 6, 2))
+        ring.write(*_rows(6, 7, 2))  # 13 written, the reader has read none
+        confidence, _, seen = ring.read(0)
+        assert confidence[:, 0].tolist() == list(range(5, 13)) and seen == 13
+        ring.write(*_rows(13, 20, 2))  # one write longer than the ring keeps its newest rows
+        assert ring.read(seen)[0][:, 0].tolist() == list(range(25, 33))
+    finally:
+        ring.close()
+
 
 def test_exit_sites_and_outcome_by_hand():
     nan = np.nan

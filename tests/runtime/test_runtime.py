@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from multiprocessing import shared_memory
+
 import numpy as np
 import pytest
 import torch
@@ -73,9 +77,9 @@ def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path
     rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
                           profile_cache=tmp_path, background=False, window=1024, min_feedback=32,
                           tuning_margin=0.5)
+    controller = rt.controller
     sites = len(ee.sites)
-    active = (0, 2)
-    rt._apply(apparate.runtime.runtime.ConfigChange(active, np.array([0.5, 0.5]), "test"))
+    controller.active, controller.thresholds = (0, 2), np.array([0.5, 0.5])
 
     def record(rows, site0_agrees):
         confidence = np.full((rows, sites), np.nan)
@@ -84,21 +88,57 @@ def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path
         agree = np.zeros((rows, sites), dtype=bool)
         agree[:, 0] = site0_agrees
         agree[:, 2] = True
-        rt.window.record(confidence, agree)
+        controller.record(confidence, agree)
 
     record(128, site0_agrees=False)  # every exit at ramp 0 is wrong
     rt.control_step()
-    assert "re-tuned" in rt._staged.reason
-    rt._staged = None
-    rt._thresholds = np.array([0.5, 0.5])  # as if the bad thresholds were still in force
+    assert "re-tuned" in rt._staged[-1].reason
+    controller.thresholds = np.array([0.5, 0.5])  # as if the bad thresholds were still in force
     rt.control_step()
-    assert rt._staged.reason.startswith("repeated violations")
-    assert np.isinf(rt._staged.thresholds[0]), "the offending ramp no longer exits"
-    rt._apply(rt._staged)
-    record(rt.window.capacity // 4, site0_agrees=True)  # ramp 0 turns good, and more confident
+    zeroed = rt._staged[-1]
+    assert zeroed.reason.startswith("repeated violations")
+    assert np.isinf(zeroed.thresholds[0]), "the offending ramp no longer exits"
+    record(controller.window.capacity // 4, site0_agrees=True)  # ramp 0 turns good, and surer
     rt.control_step()
-    assert rt._staged.reason == "re-tuned after zeroing"
-    assert 0.9 < rt._staged.thresholds[0] <= 0.95, "ramp 0 exits again, only where it is right"
+    retuned = rt._staged[-1]
+    assert retuned.reason == "re-tuned after zeroing"
+    assert 0.9 < retuned.thresholds[0] <= 0.95, "ramp 0 exits again, only where it is right"
+    rt.infer(stream[:4])  # the staged configurations are applied before the next batch
+    assert rt.history[-2] is zeroed and rt.history[-1] is retuned
+    assert rt.forward.thresholds[0].item() == pytest.approx(retuned.thresholds[0])
+
+
+def test_background_controller_runs_in_its_own_process(setup, tmp_path):
+    ee, stream, _ = setup
+    rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
+                          profile_cache=tmp_path, min_feedback=32)
+    process = rt._process.process
+    assert process.is_alive() and process.pid != os.getpid()
+    ring = rt._process.ring.name
+    for start in range(0, len(stream), 16):
+        rt.infer(stream[start:start + 16])
+    deadline = time.monotonic() + 60  # the process imports apparate first (seconds)
+    while not any(c.reason == "tuned" for c in rt.history) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rt.infer(stream[:16])
+    assert any(c.reason == "tuned" for c in rt.history), "the process staged a tuning"
+    rt.close()
+    assert not process.is_alive()
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=ring)  # the ring is freed
+    rt.infer(stream[:16])  # serving goes on with the last configuration
+
+
+def test_serving_survives_a_dead_controller_process(setup, tmp_path, caplog):
+    ee, stream, vanilla = setup
+    with apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
+                          profile_cache=tmp_path) as rt:
+        rt._process.process.kill()
+        rt._process.process.join(timeout=10)
+        with caplog.at_level("ERROR", logger="apparate"):
+            results = [r for start in (0, 16, 32) for r in rt.infer(stream[start:start + 16])]
+    assert [r.prediction for r in results] == list(vanilla[:48])
+    assert sum("controller process stopped" in m for m in caplog.messages) == 1
 
 
 def test_initial_ramps_split_the_latency_in_thirds(setup, tmp_path):
