@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="nlp-sentiment: serve every tweet left after the ramps' share "
                              "(about 17,000) instead of the first 3,000; the other workloads "
                              "always serve their whole stream")
+    parser.add_argument("--chunk", type=int, default=defaults.chunk,
+                        help="requests per chunk: vanilla and apparate serve each chunk in "
+                             "turn, so the machine's drift hits both alike (0: each side serves "
+                             "the whole stream at once)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     try:
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             workload=args.workload, mode=args.mode, accuracy_constraint=args.accuracy_constraint,
             ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
             max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load,
-            repeats=args.repeats, full_stream=args.full_stream, seed=args.seed)
+            repeats=args.repeats, full_stream=args.full_stream, chunk=args.chunk,
+            seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
     summary = run(config, args.out)

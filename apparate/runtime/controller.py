@@ -227,8 +227,9 @@ def _controller_main(config: ControllerConfig, ring_name: str, capacity: int, ch
     controller = Controller(config)
     changes.send(_READY)
     seen = 0
+    parent = multiprocessing.parent_process()  # gone (killed) without setting stop: exit too
     try:
-        while not stop.is_set():
+        while not stop.is_set() and parent.is_alive():
             confidence, agree, seen = ring.read(seen)
             if not len(confidence):
                 time.sleep(0.002)
@@ -260,20 +261,28 @@ class ControllerProcess:
         self.process = context.Process(
             target=_controller_main, name="apparate-controller", daemon=True,
             args=(config, self.ring.name, capacity, sender, self._stop))
-        self.process.start()
+        try:
+            self.process.start()
+        except BaseException:
+            self.ring.close()
+            raise
         sender.close()
         self._lost = False
         # A runtime dropped without close() still stops its process and frees the ring.
         self._finalizer = weakref.finalize(self, _shut_down, self._stop, self.process, self.ring)
         deadline = time.monotonic() + start_timeout_s
-        while not self._changes.poll(0.05):
-            if not self.process.is_alive() or time.monotonic() > deadline:
-                self._finalizer()
-                raise RuntimeError(
-                    "apparate: the controller process did not start (exit code "
-                    f"{self.process.exitcode}); see its error above. A script that builds a "
-                    "Runtime guards its entry point with `if __name__ == \"__main__\":`")
-        self._changes.recv()  # the ready message
+        ready = False
+        while not ready and self.process.is_alive() and time.monotonic() < deadline:
+            try:
+                ready = self._changes.poll(0.05) and self._changes.recv() == _READY
+            except EOFError:  # the process exited before it was ready
+                break
+        if not ready:
+            self._finalizer()
+            raise RuntimeError(
+                "apparate: the controller process did not start (exit code "
+                f"{self.process.exitcode}); see its error above. A script that builds a "
+                'Runtime guards its entry point with `if __name__ == "__main__":`')
 
     def record(self, confidence: np.ndarray, agree: np.ndarray) -> None:
         self.ring.write(confidence, agree)

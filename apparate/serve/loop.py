@@ -39,7 +39,7 @@ class BatchingConfig:
 class ServeLog:
     """Per request, in stream order: arrival and release (seconds from the start), prediction,
     exit_site (-1 = final head), the size of the batch it ran in and when that batch started
-    (seconds from the start)."""
+    (seconds from the start); started: the perf_counter time of the start."""
 
     arrival: np.ndarray
     release: np.ndarray
@@ -47,6 +47,7 @@ class ServeLog:
     exit_site: np.ndarray
     batch_size: np.ndarray
     batch_start: np.ndarray
+    started: float = 0.0
 
     @property
     def compute_ms(self) -> np.ndarray:
@@ -79,10 +80,10 @@ def serve(engine: Engine, stream: Sequence[Tensor], arrivals: np.ndarray,
     n = stream[0].shape[0]
     if len(arrivals) != n:
         raise ValueError(f"arrivals has {len(arrivals)} entries for {n} requests")
-    log = ServeLog(np.asarray(arrivals, dtype=float), np.full(n, np.nan), np.full(n, -1),
-                   np.full(n, -1), np.zeros(n, dtype=int), np.full(n, np.nan))
     waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
     start = time.perf_counter() + 0.01
+    log = ServeLog(np.asarray(arrivals, dtype=float), np.full(n, np.nan), np.full(n, -1),
+                   np.full(n, -1), np.zeros(n, dtype=int), np.full(n, np.nan), start)
 
     def feed():
         for i, t in enumerate(log.arrival):

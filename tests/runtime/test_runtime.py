@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +143,28 @@ def test_serving_survives_a_dead_controller_process(setup, tmp_path, caplog):
             results = [r for start in (0, 16, 32) for r in rt.infer(stream[start:start + 16])]
     assert [r.prediction for r in results] == list(vanilla[:48])
     assert sum("controller process stopped" in m for m in caplog.messages) == 1
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
+    # The controller process is spawned: it imports the script again, which builds another
+    # runtime before the first one's process is ready.
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+
+        import apparate
+        from tests.models.test_prepare import _cnn, _separable
+
+        ee = apparate.prepare(_cnn(), _separable(4))
+        apparate.Runtime(ee, example_inputs=(_separable(4),),
+                         profile_cache=Path({str(tmp_path)!r}))
+    """))
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode != 0
+    assert "controller process did not start" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
 
 
 def test_initial_ramps_split_the_latency_in_thirds(setup, tmp_path):

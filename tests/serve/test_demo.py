@@ -23,6 +23,7 @@ def test_demo_writes_the_summary_and_plots(tmp_path, capsys):
         assert 0 <= app[key] <= 1
     assert app["agreement"] >= 0.98, "the constraint is 1%: far below means adaptation failed"
     assert "nonexit_overhead" in app and summary["oracle"]["p50_ms"] > 0
+    assert app["throughput_ratio"] > 0
     assert sum(app["exit_histogram"].values()) == summary["requests"] == 9000
     for name in ("requests.csv", "latency_cdf.png", "adaptation.png"):
         assert (out / name).stat().st_size > 0

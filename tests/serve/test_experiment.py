@@ -15,6 +15,8 @@ from apparate.runtime.runtime import ConfigChange
 from apparate.serve.experiment import (
     ExperimentConfig,
     StreamRun,
+    _chunks,
+    _joined,
     _oracle,
     _summary,
     _write,
@@ -42,7 +44,8 @@ def _run(vanilla_ms, apparate_ms, wrong: int, exits: int):
     return StreamRun(_log(np.full(n, vanilla_ms), truth, np.full(n, -1)),
                      _log(np.full(n, apparate_ms), answers, exit_site),
                      np.full(n, apparate_ms / 2),
-                     history=[ConfigChange((0,), np.array([0.9]), "start", at=0.0)], started=0.0)
+                     history=[ConfigChange((0,), np.array([0.9]), "start", at=0.0)],
+                     clock=[(0.0, 0.0)])
 
 
 def test_summary_takes_medians_over_runs_and_pools_agreement():
@@ -55,6 +58,8 @@ def test_summary_takes_medians_over_runs_and_pools_agreement():
     assert summary["oracle"]["p50_ms"] == pytest.approx(3.5)
     assert summary["vanilla"]["throughput_rps"] == 100.0
     assert summary["apparate"]["throughput_rps"] == 97.0
+    # Pairs (100, 95), (90, 99), (110, 97): the median ratio, not 97 / 100.
+    assert summary["apparate"]["throughput_ratio"] == pytest.approx(0.95)
     assert summary["apparate"]["agreement"] == pytest.approx(1 - 4 / (3 * 256))
     # Six 128-request windows; only the first of the second run holds the four wrong answers.
     assert summary["apparate"]["windows_within_constraint"] == pytest.approx(5 / 6)
@@ -85,6 +90,26 @@ def test_write_keeps_every_run(tmp_path):
 def test_config_rejects_no_runs():
     with pytest.raises(ValueError, match="repeats"):
         ExperimentConfig(repeats=0)
+    with pytest.raises(ValueError, match="chunk"):
+        ExperimentConfig(chunk=-1)
+
+
+def test_chunks_join_on_the_streams_timeline():
+    assert _chunks(2500, 1000) == [(0, 1000), (1000, 2000), (2000, 2500)]
+    assert _chunks(10, 0) == [(0, 10)]
+    first, second = _log([5.0, 6.0], [0, 1], [-1, 0]), _log([7.0], [2], [-1])
+    second.started = 50.0
+    joined = _joined([first, second], [0.0, 3.0])
+    np.testing.assert_allclose(joined.arrival, [0.0, 0.01, 3.0])
+    np.testing.assert_allclose(joined.latency_ms, [5.0, 6.0, 7.0])
+    np.testing.assert_allclose(joined.compute_ms, [4.0, 4.0, 4.0])
+    assert joined.prediction.tolist() == [0, 1, 2] and joined.exit_site.tolist() == [-1, 0, -1]
+    # Apparate served chunk 1 from t=10 s and chunk 2 (stream offset 3 s) from t=50 s.
+    run = StreamRun(first, joined, np.zeros(3), [], clock=[(10.0, 0.0), (50.0, 3.0)])
+    assert run.stream_time(9.0) == 0.0  # before serving: the stream's start
+    assert run.stream_time(11.5) == pytest.approx(1.5)
+    assert run.stream_time(30.0) == pytest.approx(3.0)  # between chunks: the first one's end
+    assert run.stream_time(50.5) == pytest.approx(3.5)
 
 
 def test_oracle_skips_a_share_of_the_measured_compute():
