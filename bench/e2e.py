@@ -5,9 +5,13 @@
 
 Writes summary.json, requests.csv, latency_cdf.png and adaptation.png under --out, and prints
 the table (median and p95 latency, throughput, agreement, exit histogram, gap to the oracle).
-CPU timings use one thread. With --repeats N the stream is served N times on each side
-(alternating, a fresh runtime each time); latency figures are the medians over the runs,
-agreement and windows are over every request of every run, and summary.json lists each run.
+CPU timings use one thread. The two sides take turns on chunks of the stream (--chunk requests:
+vanilla serves a chunk, then apparate serves the same requests with the same arrival gaps, its
+runtime carrying over from chunk to chunk), so a machine whose speed drifts over minutes slows
+both alike. With --repeats N the stream is served N times on each side (a fresh runtime each
+time); latency figures are the medians over the runs, agreement and windows are over every
+request of every run, and summary.json lists each run. Throughput comes from saturated runs
+(every request queued at once), alternating; its ratio is the median of the pairs' ratios.
 """
 
 from __future__ import annotations
