@@ -10,11 +10,11 @@ mode, three ways: "closed" (no ramp may exit yet: the ramps are evaluated for th
 nothing is released or compacted), "open" (open thresholds above every confidence: the ramps'
 exits are read and found empty, so in compact mode nothing is compacted either) and "exits"
 (each ramp's threshold at its median confidence on the batch: about half the rows exit at the
-first ramp, a quarter at the second). This is the
-serving thread's cost per batch: segments, ramps, releases and the outcome; the feedback rows
-the runtime then writes for its controller process are not included. One thread; the candidates run
-interleaved, call by call, so the machine's drift hits them alike; printed: median milliseconds
-and the ratio to the unmodified model at the same batch.
+first ramp, a quarter at the second). This is the serving thread's cost per batch: segments,
+ramps, releases and the outcome; the feedback rows the runtime then writes for its controller
+process are not included. One thread; the candidates run interleaved, call by call, so the
+machine's drift hits them alike; printed: median milliseconds and the ratio to the unmodified
+model at the same batch.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ CONTROL_EVERY = 32
 
 @dataclass
 class ConfigChange:
-    """A configuration the controller staged: active sites and their thresholds."""
+    """A configuration the controller staged: active sites and their thresholds; at: when
+    (perf_counter, which reads the same clock in the controller process as in serving)."""
 
     active: tuple[int, ...]
     thresholds: np.ndarray
@@ -236,7 +237,7 @@ def _controller_main(config: ControllerConfig, ring_name: str, capacity: int, ch
                 time.sleep(0.002)
                 continue
             try:
-                if controller.record(confidence.astype(np.float64), agree):
+                if controller.record(confidence, agree):
                     change = controller.step()
                     if change is not None:
                         changes.send(change)
@@ -302,7 +303,7 @@ class ControllerProcess:
     def close(self) -> list[ConfigChange]:
         """Stop the process; the configurations it staged that ``changes`` has not returned."""
         self._finalizer.detach()
-        _stop(self._stop, self.process)
+        _end_process(self._stop, self.process)
         left = []
         try:
             while self._changes.poll():
@@ -314,7 +315,7 @@ class ControllerProcess:
         return left
 
 
-def _stop(stop, process) -> None:
+def _end_process(stop, process) -> None:
     stop.set()
     process.join(timeout=5)
     if process.is_alive():
@@ -323,5 +324,5 @@ def _stop(stop, process) -> None:
 
 
 def _shut_down(stop, process, ring: FeedbackRing) -> None:
-    _stop(stop, process)
+    _end_process(stop, process)
     ring.close()
