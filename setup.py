@@ -62,7 +62,7 @@ extensions = [
     CppExtension(
         "apparate._C",
         ["csrc/torch_bindings.cpp", *_sources("csrc/ops/*_cpu.cpp")],
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
         extra_compile_args={"cxx": CXX_FLAGS},
     )
 ]

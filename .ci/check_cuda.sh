@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Compile-checks every CUDA source for sm_90 on a machine without a GPU (shared/DESIGN.md §5):
+# Compile-checks every CUDA source for sm_90 on a machine without a GPU:
 #   1. each csrc/include/apparate/*.cuh alone and without torch: a generated .cu includes it and
 #      instantiates its launchers for every dtype; warnings, register spills and local-memory use
 #      in the kernels are errors (they would cost bandwidth on the GPU);
-#   2. each torch-facing translation unit (csrc/ops/*.cu, csrc/torch_bindings_cuda.cpp) against the
+#   2. each csrc/include/apparate/*.h alone with the host compiler and no CUDA include path: the
+#      C++ CPU kernels include these, and they are built where there is no CUDA;
+#   3. each torch-facing translation unit (csrc/ops/*.cu, csrc/torch_bindings_cuda.cpp) against the
 #      headers of the torch that $PYTHON imports, with the nvcc flags torch extensions build with.
 # A CPU-only torch lacks c10/cuda/impl/cuda_cmake_macros.h; an empty one in a temporary include
 # directory stands in for it here only.
@@ -41,6 +43,13 @@ instantiate() {
     compact_rows.cuh)
       echo "auto* check_compact = &apparate::launch_compact_rows;"
       ;;
+    common.cuh)
+      local bytes
+      for bytes in 16 8 4 2 1; do
+        echo "static_assert(sizeof(apparate::detail::Word<$bytes>::type) == $bytes);"
+      done
+      echo "auto* check_attribute = &apparate::detail::current_device_attribute;"
+      ;;
   esac
 }
 
@@ -75,6 +84,14 @@ for header in "$ROOT"/csrc/include/apparate/*.cuh; do
   } >"$unit"
   run "$base" "$NVCC" "${NVCC_BASE[@]}" -Xptxas -warn-spills,-warn-lmem-usage \
     -I"$ROOT/csrc/include" -c "$unit" -o "$WORK/standalone_${base%.cuh}.o"
+done
+
+for header in "$ROOT"/csrc/include/apparate/*.h; do
+  base=$(basename "$header")
+  unit="$WORK/standalone_${base%.h}.cpp"
+  echo "#include \"apparate/$base\"" >"$unit"
+  run "$base" "$CXX" -std=c++20 -O2 -Wall -Wextra -Werror -I"$ROOT/csrc/include" \
+    -c "$unit" -o "$WORK/standalone_${base%.h}.o"
 done
 
 TORCH_INCLUDE=$("$PYTHON" -c \

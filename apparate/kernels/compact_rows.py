@@ -18,15 +18,13 @@ compiled kernel serves every dtype of that width, and aligned rows move as 16-by
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Assumed when no CUDA device can be asked (the interpreter), so CPU runs take the H100/H200 paths.
-_DEFAULT_SMS = 132
+from apparate.kernels._launch import num_sms, pow2
+
 # Column slice of one program, in bytes: at least a 128-byte line per row, at most 1 KiB so that
 # a wide batch (e.g. 256 x 131072 fp16) still spreads over every SM.
 _MIN_SLICE_BYTES = 128
@@ -71,17 +69,6 @@ def _compact_rows_kernel(
         tl.store(count_ptr, kept)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _canonical(t: Tensor) -> Tensor:
     """``t: (B, N)`` with unit column stride and a row stride of N when B <= 1, which degenerate
     shapes may lack; the same memory, so dtype views below are always legal."""
@@ -120,10 +107,10 @@ def _launch(x: Tensor, keep: Tensor, out: Tensor, index: Tensor, count: Tensor, 
 
     row_bytes = width * word
     slice_bytes = _MAX_SLICE_BYTES
-    while slice_bytes > _MIN_SLICE_BYTES and triton.cdiv(row_bytes, slice_bytes) < 2 * _num_sms(x.device):
+    while slice_bytes > _MIN_SLICE_BYTES and triton.cdiv(row_bytes, slice_bytes) < 2 * num_sms(x.device):
         slice_bytes //= 2
     cols = max(slice_bytes // word, 1)
-    rows = min(_TILE_BYTES // slice_bytes, triton.next_power_of_2(max(batch, 1)))
+    rows = min(_TILE_BYTES // slice_bytes, pow2(batch))
     # At least one program: it also writes index and count when there is nothing to move.
     grid = (max(triton.cdiv(width, cols), 1),)
     _compact_rows_kernel[grid](

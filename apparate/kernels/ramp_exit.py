@@ -15,7 +15,6 @@ At most three launches and nothing read back to the host:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Assumed when no CUDA device can be asked (the interpreter), so CPU runs take the H100/H200 paths.
-_DEFAULT_SMS = 132
+from apparate.kernels._launch import num_sms, pow2
+
 # A pooled tile of about this many elements keeps 4 warps busy without spilling registers.
 _POOL_TILE = 2048
 # Below 16 rows a tl.dot would spend most of its multiply-adds on padding rows, so small batches
@@ -287,21 +286,6 @@ def _combine_kernel(
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _stride(vector: Tensor | None) -> int:
     """Element stride of an optional 1-D argument (alive, bias, norm_weight may be views)."""
     return vector.stride(0) if vector is not None else 0
@@ -356,18 +340,18 @@ def _pool(
         mode = "mean"
 
     if norm is not None:
-        block_h = min(_pow2(features), 1024)
+        block_h = min(pow2(features), 1024)
     elif s_t2 == 1 and t2 > 1 and mode != "masked_last":
         # Positions are contiguous (NCHW avg): a narrow feature slice, a long position run.
-        block_h = min(_pow2(features), _POOL_TILE // min(_pow2(t2), 64))
+        block_h = min(pow2(features), _POOL_TILE // min(pow2(t2), 64))
     else:
-        block_h = min(_pow2(features), 64)
-        while block_h < min(_pow2(features), 256) and batch * triton.cdiv(features, 2 * block_h) >= 2 * sms:
+        block_h = min(pow2(features), 64)
+        while block_h < min(pow2(features), 256) and batch * triton.cdiv(features, 2 * block_h) >= 2 * sms:
             block_h *= 2
     if mode == "masked_last":
-        block_t = min(_pow2(t2), 1024)
+        block_t = min(pow2(t2), 1024)
     else:
-        block_t = min(_pow2(t2), max(1, _POOL_TILE // block_h))
+        block_t = min(pow2(t2), max(1, _POOL_TILE // block_h))
     # With a norm one program owns a whole row (the statistics need all of H).
     grid = (batch, 1 if norm is not None else triton.cdiv(features, block_h))
     pooled = torch.empty((batch, features), dtype=torch.float32, device=hidden.device)
@@ -386,20 +370,20 @@ def _pool(
 def _logits_blocks(batch: int, classes: int, features: int, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_K, BLOCK_H, num_warps) for ``_logits_kernel``."""
     if batch <= _GEMV_MAX_B:
-        block_b = _pow2(batch)
-        block_k = min(_pow2(classes), max(16, 64 // block_b))
+        block_b = pow2(batch)
+        block_k = min(pow2(classes), max(16, 64 // block_b))
         if classes > block_k:
             # Memory-bound weight stream: spread it over at least one program per SM.
             while block_k > 16 and triton.cdiv(classes, block_k) < sms:
                 block_k //= 2
-        block_h = max(16, min(_pow2(features), 1024, _GEMV_TILE // (block_b * block_k)))
+        block_h = max(16, min(pow2(features), 1024, _GEMV_TILE // (block_b * block_k)))
         return block_b, block_k, block_h, 4
-    if _pow2(classes) <= _DOT_TILE // 16:
+    if pow2(classes) <= _DOT_TILE // 16:
         # One chunk covers the row, which saves the combine launch.
-        block_k = max(16, _pow2(classes))
-        block_b = max(16, min(64, _pow2(batch), _DOT_TILE // block_k))
+        block_k = max(16, pow2(classes))
+        block_b = max(16, min(64, pow2(batch), _DOT_TILE // block_k))
     else:
-        block_b = min(64, _pow2(batch))
+        block_b = min(64, pow2(batch))
         block_k = _DOT_TILE // block_b
         while block_k > 32 and triton.cdiv(batch, block_b) * triton.cdiv(classes, block_k) < 2 * sms:
             block_k //= 2
@@ -433,7 +417,7 @@ def ramp_exit_triton(
     exit_mask = torch.empty(batch, dtype=torch.bool, device=device)
     if batch == 0:
         return confidence, prediction, exit_mask
-    sms = _num_sms(device)
+    sms = num_sms(device)
     rows = _pool(hidden, pool, mask, alive, norm, norm_weight, norm_eps, sms)
     features = rows.shape[1]
     log_k = math.log(classes)
@@ -461,11 +445,11 @@ def ramp_exit_triton(
         _stride(bias), _stride(alive), batch * chunks, log_k,
         SINGLE_CHUNK=False, **common,
     )
-    block_r = min(16, _pow2(batch))
+    block_r = min(16, pow2(batch))
     _combine_kernel[(triton.cdiv(batch, block_r),)](
         stats, argmax, alive, threshold, confidence, prediction, exit_mask,
         batch, chunks, _stride(alive), batch * chunks, log_k,
-        METRIC=metric, BLOCK_R=block_r, BLOCK_C=min(_pow2(chunks), 64),
+        METRIC=metric, BLOCK_R=block_r, BLOCK_C=min(pow2(chunks), 64),
         num_warps=4,
     )
     return confidence, prediction, exit_mask

@@ -9,26 +9,14 @@
 
 #include <cstring>
 
+#include "compact_rows_args.h"
 #include "ops.h"
 
 namespace apparate {
-namespace {
 
-void compact(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& out,
-             const at::Tensor& index, const at::Tensor& count) {
-  TORCH_CHECK(x.device().is_cpu(), "compact_rows_cpu: x must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.sizes() == out.sizes(),
-              "compact_rows_cpu: x and out must be (B, N) of the same shape");
-  TORCH_CHECK((x.size(1) <= 1 || x.stride(1) == 1) && (out.size(1) <= 1 || out.stride(1) == 1),
-              "compact_rows_cpu: rows of x and out must be contiguous");
-  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "compact_rows_cpu: x and out dtypes differ");
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.numel() == x.size(0),
-              "compact_rows_cpu: keep must be (B,) bool");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.numel() == x.size(0) &&
-                  index.is_contiguous(),
-              "compact_rows_cpu: index must be contiguous (B,) int64");
-  TORCH_CHECK(count.scalar_type() == at::kInt && count.numel() == 1,
-              "compact_rows_cpu: count must be (1,) int32");
+void compact_rows_cpu(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& out,
+                      const at::Tensor& index, const at::Tensor& count) {
+  check_compact_rows("compact_rows_cpu", at::kCPU, x, keep, out, index, count);
   const int64_t rows = x.size(0);
   const int64_t row_bytes = x.size(1) * x.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
@@ -51,16 +39,9 @@ void compact(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& out,
   *count.data_ptr<int32_t>() = static_cast<int32_t>(kept);
 }
 
-}  // namespace
-
-void compact_rows_cpu(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& out,
-                      const at::Tensor& index, const at::Tensor& count) {
-  compact(x, keep, out, index, count);
-}
-
 void compact_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& keep,
                               const at::Tensor& index, const at::Tensor& count) {
-  compact(x, keep, x, index, count);
+  compact_rows_cpu(x, keep, x, index, count);
 }
 
 }  // namespace apparate

@@ -7,6 +7,7 @@
 // The hot loops are compiled for AVX-512, AVX2 and a baseline and chosen at load time.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,10 +15,12 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "ops.h"
+#include "ramp_exit_args.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define APPARATE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -28,39 +31,12 @@
 namespace apparate {
 namespace {
 
-enum class Pool { kCls, kMean, kLast, kAvg, kNone };
-enum class Metric { kMaxProb, kMargin, kEntropy };
-enum class Norm { kNone, kRms, kLayer };
-
 // Heads of at most this many multiply-adds per row are evaluated by hand-written dot products;
 // above it a BLAS call is cheaper than its dispatch overhead.
 constexpr int64_t kSmallHeadMacs = 1 << 15;
 // Logits are produced and reduced this many columns at a time, so memory stays bounded for
 // LM-sized heads while each BLAS call remains large.
 constexpr int64_t kChunk = 2048;
-
-Pool parse_pool(std::string_view pool) {
-  if (pool == "cls") return Pool::kCls;
-  if (pool == "mean") return Pool::kMean;
-  if (pool == "last") return Pool::kLast;
-  if (pool == "avg") return Pool::kAvg;
-  TORCH_CHECK(pool == "none", "ramp_exit: unknown pool '", pool, "'");
-  return Pool::kNone;
-}
-
-Metric parse_metric(std::string_view metric) {
-  if (metric == "maxprob") return Metric::kMaxProb;
-  if (metric == "margin") return Metric::kMargin;
-  TORCH_CHECK(metric == "entropy", "ramp_exit: unknown metric '", metric, "'");
-  return Metric::kEntropy;
-}
-
-Norm parse_norm(std::optional<std::string_view> norm) {
-  if (!norm.has_value()) return Norm::kNone;
-  if (*norm == "rms") return Norm::kRms;
-  TORCH_CHECK(*norm == "layer", "ramp_exit: unknown norm '", *norm, "'");
-  return Norm::kLayer;
-}
 
 APPARATE_MULTIVERSION
 float dot(const float* a, const float* b, int64_t n) {
@@ -271,9 +247,9 @@ void sum_planes(const T* x, int64_t planes, int64_t len, int64_t stride, float* 
 }
 
 template <typename T>
-void pool_row(const T* row, Pool pool, const at::IntArrayRef sizes, const at::IntArrayRef strides,
-              const bool* mask_row, float* out, float* scratch) {
-  if (pool == Pool::kAvg) {
+void pool_row(const T* row, RampPool pool, const at::IntArrayRef sizes,
+              const at::IntArrayRef strides, const bool* mask_row, float* out, float* scratch) {
+  if (pool == RampPool::kAvg) {
     const int64_t channels = sizes[1], height = sizes[2], width = sizes[3];
     const int64_t sc = strides[1], sy = strides[2], sx = strides[3];
     const int64_t spatial = height * width;
@@ -293,7 +269,7 @@ void pool_row(const T* row, Pool pool, const at::IntArrayRef sizes, const at::In
     for (int64_t c = 0; c < channels; ++c) out[c] /= static_cast<float>(spatial);
     return;
   }
-  const bool tokens = pool != Pool::kNone;
+  const bool tokens = ramp_pools_tokens(pool);
   const int64_t features = sizes[tokens ? 2 : 1];
   const int64_t sh = strides[tokens ? 2 : 1];
   auto load = [&](const T* src, float* dst) {
@@ -309,9 +285,9 @@ void pool_row(const T* row, Pool pool, const at::IntArrayRef sizes, const at::In
       for (int64_t h = 0; h < features; ++h) dst[h] = static_cast<float>(src[h * sh]);
     }
   };
-  if (pool == Pool::kCls || pool == Pool::kNone) {
+  if (pool == RampPool::kCls || pool == RampPool::kNone) {
     load(row, out);
-  } else if (pool == Pool::kLast) {
+  } else if (pool == RampPool::kLast) {
     int64_t last = sizes[1] - 1;
     if (mask_row != nullptr) {
       last = 0;
@@ -337,9 +313,9 @@ void pool_row(const T* row, Pool pool, const at::IntArrayRef sizes, const at::In
   }
 }
 
-void normalise_row(float* x, int64_t n, Norm norm, const float* weight, float eps) {
+void normalise_row(float* x, int64_t n, RampNorm norm, const float* weight, float eps) {
   float mean = 0.f;
-  if (norm == Norm::kLayer) {
+  if (norm == RampNorm::kLayer) {
     mean = sum(x, n) / static_cast<float>(n);
     for (int64_t i = 0; i < n; ++i) x[i] -= mean;
   }
@@ -358,20 +334,15 @@ const float* as_float(const at::Tensor& t, at::Tensor& storage) {
 }  // namespace
 
 RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS) {
-  TORCH_CHECK(hidden.device().is_cpu(), "ramp_exit_cpu: hidden must be on the CPU");
-  TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1,
-              "ramp_exit_cpu: weight must be (K, H) with contiguous rows");
-  const Pool pool_kind = parse_pool(pool);
-  const Metric metric_kind = parse_metric(metric);
-  const Norm norm_kind = parse_norm(norm);
-  const int64_t batch = hidden.size(0);
-  const int64_t classes = weight.size(0);
-  const int64_t features = weight.size(1);
-  TORCH_CHECK(classes >= 2, "ramp_exit_cpu: K must be at least 2");
+  const RampExitCall call =
+      check_ramp_exit("ramp_exit_cpu", at::kCPU, hidden, weight, bias, threshold, pool, metric,
+                      mask, alive, norm, norm_weight, norm_eps, logits_out);
+  const int64_t batch = call.batch;
+  const int64_t classes = call.classes;
+  const int64_t features = call.features;
 
-  auto confidence = at::empty({batch}, hidden.options().dtype(at::kFloat));
-  auto prediction = at::empty({batch}, hidden.options().dtype(at::kLong));
-  auto exit_mask = at::empty({batch}, hidden.options().dtype(at::kBool));
+  at::Tensor confidence, prediction, exit_mask;
+  std::tie(confidence, prediction, exit_mask) = empty_ramp_exit_result(hidden, batch);
 
   at::Tensor mask_c;
   const bool* mask_ptr = nullptr;
@@ -387,22 +358,22 @@ RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS) {
   }
   at::Tensor norm_w_storage;
   const float* norm_w =
-      norm_kind != Norm::kNone ? as_float(*norm_weight, norm_w_storage) : nullptr;
+      call.norm != RampNorm::kNone ? as_float(*norm_weight, norm_w_storage) : nullptr;
 
   // 1. Pool (and normalise) every row into float32. A float32 cls/none ramp over live rows
   // reads its rows straight from hidden, with no copy.
   const auto sizes = hidden.sizes();
   const auto strides = hidden.strides();
-  const bool direct = (pool_kind == Pool::kCls || pool_kind == Pool::kNone) &&
+  const bool direct = (call.pool == RampPool::kCls || call.pool == RampPool::kNone) &&
                       hidden.scalar_type() == at::kFloat && hidden.stride(-1) == 1 &&
-                      norm_kind == Norm::kNone && alive_ptr == nullptr;
+                      call.norm == RampNorm::kNone && alive_ptr == nullptr;
   const int64_t pooled_stride = direct ? strides[0] : features;
   std::unique_ptr<float[]> pooled_buf(direct ? nullptr : new float[batch * features]);
   float* pooled_ptr = direct ? hidden.data_ptr<float>() : pooled_buf.get();
-  const int64_t seq = (pool_kind == Pool::kAvg || pool_kind == Pool::kNone) ? 1 : sizes[1];
-  const int64_t scratch_len = pool_kind == Pool::kAvg ? std::max(sizes[2] * sizes[3], features)
-                                                      : features;
-  if (!direct) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "ramp_exit_pool", [&] {
+  const int64_t seq = ramp_pools_tokens(call.pool) ? sizes[1] : 1;
+  const int64_t scratch_len =
+      call.pool == RampPool::kAvg ? std::max(sizes[2] * sizes[3], features) : features;
+  if (!direct) AT_DISPATCH_V2(hidden.scalar_type(), "ramp_exit_pool", AT_WRAP([&] {
     const scalar_t* base = hidden.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::unique_ptr<float[]> scratch(new float[scratch_len]);
@@ -412,13 +383,13 @@ RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS) {
           std::fill(out, out + features, 0.f);
           continue;
         }
-        pool_row<scalar_t>(base + b * strides[0], pool_kind, sizes, strides,
+        pool_row<scalar_t>(base + b * strides[0], call.pool, sizes, strides,
                            mask_ptr ? mask_ptr + b * seq : nullptr, out, scratch.get());
-        if (norm_kind != Norm::kNone)
-          normalise_row(out, features, norm_kind, norm_w, static_cast<float>(norm_eps));
+        if (call.norm != RampNorm::kNone)
+          normalise_row(out, features, call.norm, norm_w, static_cast<float>(norm_eps));
       }
     });
-  });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
 
   // 2. Logits chunk by chunk, folded into per-row softmax statistics.
   const bool small_head = classes * features <= kSmallHeadMacs;
@@ -483,9 +454,9 @@ RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS) {
       continue;
     }
     float conf;
-    if (metric_kind == Metric::kMaxProb) {
+    if (call.metric == RampMetric::kMaxProb) {
       conf = 1.f / s.sum_exp;
-    } else if (metric_kind == Metric::kMargin) {
+    } else if (call.metric == RampMetric::kMargin) {
       conf = (1.f - std::exp(s.second - s.top)) / s.sum_exp;
     } else {
       const float entropy = std::log(s.sum_exp) - s.sum_weighted / s.sum_exp;

@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "apparate/common.cuh"
+
 namespace apparate {
 
 struct CompactRowsArgs {
@@ -35,7 +37,8 @@ struct CompactRowsArgs {
 
 namespace compact_detail {
 
-constexpr int kWarp = 32;
+using namespace detail;
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kMaxRowsPerThread = 8;
@@ -43,29 +46,6 @@ constexpr int kMaxLanesPerRow = 32;
 // Two sectors per row piece: narrower slices would waste half of every DRAM sector access.
 constexpr int kMinLanesPerRow = 4;
 constexpr int kCtasPerSm = 2;
-
-template <int Bytes>
-struct Word;
-template <>
-struct Word<16> {
-  using type = uint4;
-};
-template <>
-struct Word<8> {
-  using type = uint2;
-};
-template <>
-struct Word<4> {
-  using type = uint32_t;
-};
-template <>
-struct Word<2> {
-  using type = uint16_t;
-};
-template <>
-struct Word<1> {
-  using type = uint8_t;
-};
 
 struct Params {
   const char* src;
@@ -154,8 +134,7 @@ __global__ void __launch_bounds__(kThreads) compact_rows_kernel(Params p) {
 
 template <int V>
 cudaError_t launch_width(const Params& p, bool in_place, cudaStream_t stream) {
-  const int64_t slice = int64_t(p.lanes_per_row) * V;
-  const int64_t ctas = p.row_bytes > 0 ? (p.row_bytes + slice - 1) / slice : 1;
+  const int64_t ctas = p.row_bytes > 0 ? ceil_div(p.row_bytes, int64_t(p.lanes_per_row) * V) : 1;
   if (ctas > INT32_MAX) return cudaErrorInvalidValue;
   if (in_place) {
     compact_rows_kernel<V, true><<<unsigned(ctas), kThreads, 0, stream>>>(p);
@@ -165,34 +144,29 @@ cudaError_t launch_width(const Params& p, bool in_place, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-inline bool aligned(const void* ptr, int64_t stride, int64_t rows, int64_t v) {
-  return reinterpret_cast<uintptr_t>(ptr) % uint64_t(v) == 0 && (rows <= 1 || stride % v == 0);
-}
-
 }  // namespace compact_detail
 
 // Compacts on `stream` (in place when a.dst == a.src). No allocation, no host synchronisation.
 inline cudaError_t launch_compact_rows(const CompactRowsArgs& a, cudaStream_t stream) {
   using namespace compact_detail;
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
+  int sms = 0;
+  const cudaError_t err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (err != cudaSuccess) return err;
 
   // Widest access that every row start and the row length allow.
+  const auto rows_aligned = [&](const void* ptr, int64_t stride, int v) {
+    return aligned_to(ptr, v) && divides(v, a.rows, stride);
+  };
   int v = 16;
-  while (v > 1 && !(a.row_bytes % v == 0 && aligned(a.src, a.src_stride, a.rows, v) &&
-                    aligned(a.dst, a.dst_stride, a.rows, v))) {
+  while (v > 1 && !(a.row_bytes % v == 0 && rows_aligned(a.src, a.src_stride, v) &&
+                    rows_aligned(a.dst, a.dst_stride, v))) {
     v /= 2;
   }
   // Wide slices keep accesses long; narrow ones give more CTAs. Halve until the grid covers
   // kCtasPerSm CTAs per SM (or the slice reaches its minimum).
   int lanes = kMaxLanesPerRow;
   const int64_t wanted_ctas = int64_t(kCtasPerSm) * sms;
-  while (lanes > kMinLanesPerRow &&
-         (a.row_bytes + int64_t(lanes) * v - 1) / (int64_t(lanes) * v) < wanted_ctas) {
+  while (lanes > kMinLanesPerRow && ceil_div(a.row_bytes, int64_t(lanes) * v) < wanted_ctas) {
     lanes /= 2;
   }
   Params p{};

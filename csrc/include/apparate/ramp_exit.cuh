@@ -21,11 +21,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "apparate/common.cuh"
+#include "apparate/ramp_kinds.h"
+
 namespace apparate {
 
-enum class RampPool : int { kCls, kMean, kLast, kAvg, kNone };
-enum class RampMetric : int { kMaxProb, kMargin, kEntropy };
-enum class RampNorm : int { kNone, kRms, kLayer };
 // Element type of the tensors read once per class or feature (bias, norm weight): a runtime
 // switch costs nothing there, and templating the kernels on them too would multiply the number
 // of instantiations by 9. hidden and weight, read in the hot loops, are template parameters.
@@ -101,7 +101,8 @@ struct RampExitPlan {
 
 namespace ramp_detail {
 
-constexpr int kWarp = 32;
+using namespace detail;
+
 constexpr int kPoolWarps = 8;
 constexpr int kPoolThreads = kPoolWarps * kWarp;
 // Positions each pooling warp loads before adding, to keep several loads in flight.
@@ -146,31 +147,6 @@ __device__ __forceinline__ float load_float(const void* p, FloatType type, int64
       return __ldg(static_cast<const float*>(p) + i);
   }
 }
-
-// N consecutive elements loaded as one access (N * sizeof(T) bytes, naturally aligned).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int Bytes>
-struct Word;
-template <>
-struct Word<16> {
-  using type = uint4;
-};
-template <>
-struct Word<8> {
-  using type = uint2;
-};
-template <>
-struct Word<4> {
-  using type = unsigned int;
-};
-template <>
-struct Word<2> {
-  using type = unsigned short;
-};
 
 // Read-only (non-coherent cache) load: hidden, weight and the workspace written by an earlier
 // kernel never change while these kernels run.
@@ -775,14 +751,6 @@ __global__ void __launch_bounds__(kConfidenceWarps* kWarp)
   p.exit[b] = isfinite(conf) && conf >= *p.threshold;
 }
 
-inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool divides(int64_t vec, int64_t size, int64_t stride) {
-  return size <= 1 || stride % vec == 0;
-}
-
 template <typename T>
 cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, int splits, cudaStream_t stream) {
   if (p.features == 0) return cudaSuccess;
@@ -795,7 +763,7 @@ cudaError_t launch_pool(const PoolParams<T>& p, int64_t batch, int splits, cudaS
   constexpr int kVec = int(16 / sizeof(T));
   const bool inner_folded = p.inner == p.positions;
   const bool vector = (p.stride_f == 1 || p.features == 1) && p.features % kVec == 0 &&
-                      reinterpret_cast<uintptr_t>(p.hidden) % 16 == 0 &&
+                      aligned_to(p.hidden, 16) &&
                       divides(kVec, batch, p.stride_b) && divides(kVec, p.positions, p.stride_p) &&
                       (inner_folded || divides(kVec, p.positions, p.stride_outer));
   const int64_t per_block = int64_t(kWarp) * (vector ? kVec : 1);
@@ -836,12 +804,11 @@ inline cudaError_t plan_ramp_exit(RampPool pool, const int64_t (&sizes)[4], int6
   // split adds a slot per row that every logits CTA reads back.
   constexpr int64_t kPoolBlocksPerSm = 2;
   constexpr int64_t kMaxSplits = 16;
-  int device = 0, sms = 0, smem_optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  int sms = 0, smem_optin = 0;
+  cudaError_t err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
+  if (err == cudaSuccess) {
+    err = current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &smem_optin);
+  }
   if (err != cudaSuccess) return err;
 
   RampExitPlan r{};
@@ -973,11 +940,11 @@ cudaError_t launch_ramp_exit(const RampExitArgs<THidden, TWeight>& a, const Ramp
   lp.chunk_rows = plan.chunk_rows;
   lp.logits = a.logits;
   // k_lane is a multiple of 4, so 16-byte row starts make every lane's 4 classes one float4.
-  lp.logits_vec4 = reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && plan.classes % 4 == 0;
+  lp.logits_vec4 = aligned_to(a.logits, 16) && plan.classes % 4 == 0;
   lp.partial = partial;
   constexpr int kVec = int(16 / sizeof(TWeight));
   const bool vector = shape.features % kVec == 0 &&
-                      reinterpret_cast<uintptr_t>(a.weight) % 16 == 0 &&
+                      aligned_to(a.weight, 16) &&
                       divides(kVec, plan.classes, a.weight_row_stride);
   err = vector ? launch_logits<TWeight, kVec>(lp, plan, stream)
                : launch_logits<TWeight, 1>(lp, plan, stream);
