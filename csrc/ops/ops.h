@@ -19,6 +19,10 @@ using RampExitResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
       std::optional<std::string_view> norm, const std::optional<at::Tensor> &norm_weight,    \
       double norm_eps, const std::optional<at::Tensor> &logits_out
 
+// The same parameters by name, for passing them on (in APPARATE_RAMP_EXIT_ARGS's order).
+#define APPARATE_RAMP_EXIT_ARG_NAMES \
+  hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight, norm_eps, logits_out
+
 RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS);
 RampExitResult ramp_exit_cuda(APPARATE_RAMP_EXIT_ARGS);
 

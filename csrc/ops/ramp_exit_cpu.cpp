@@ -334,9 +334,7 @@ const float* as_float(const at::Tensor& t, at::Tensor& storage) {
 }  // namespace
 
 RampExitResult ramp_exit_cpu(APPARATE_RAMP_EXIT_ARGS) {
-  const RampExitCall call =
-      check_ramp_exit("ramp_exit_cpu", at::kCPU, hidden, weight, bias, threshold, pool, metric,
-                      mask, alive, norm, norm_weight, norm_eps, logits_out);
+  const RampExitCall call = check_ramp_exit("ramp_exit_cpu", at::kCPU, APPARATE_RAMP_EXIT_ARG_NAMES);
   const int64_t batch = call.batch;
   const int64_t classes = call.classes;
   const int64_t features = call.features;

@@ -36,9 +36,7 @@ cudaError_t with_cuda_type(at::ScalarType t, F&& f) {
 }  // namespace
 
 RampExitResult ramp_exit_cuda(APPARATE_RAMP_EXIT_ARGS) {
-  const RampExitCall call =
-      check_ramp_exit("ramp_exit_cuda", at::kCUDA, hidden, weight, bias, threshold, pool, metric,
-                      mask, alive, norm, norm_weight, norm_eps, logits_out);
+  const RampExitCall call = check_ramp_exit("ramp_exit_cuda", at::kCUDA, APPARATE_RAMP_EXIT_ARG_NAMES);
   const int64_t batch = call.batch;
   const int64_t classes = call.classes;
 
