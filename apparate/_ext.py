@@ -2,7 +2,7 @@
 
 ``apparate._C`` (C++ CPU kernels, always built by setup.py) defines the ``apparate_C`` op
 namespace; ``apparate._C_cuda`` (optional) adds the CUDA kernels to it. Importing either never
-initialises CUDA.
+initialises CUDA. Their fakes are registered by ``apparate.ops._dispatch`` once they load.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ def load_cpu_extension() -> str | None:
             f"the C++ extension apparate._C is not built or does not load ({exc}); "
             "rebuild with `pip install -e . --no-build-isolation`"
         )
-    from apparate.ops import _fakes  # noqa: F401  (fakes for the apparate_C ops)
-
     return None
 
 

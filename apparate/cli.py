@@ -1,37 +1,140 @@
-"""The ``apparate`` command.
-
-    apparate demo [--workload nlp-sentiment|cv-fashion|cv-video] [--out DIR]
-
-runs one workload end to end (assets, prepare, ramps, the unmodified model and apparate served on
-the same requests) and prints the comparison; plots, per-request CSV and summary.json go to DIR.
-"""
+"""The ``apparate`` command (also ``python -m apparate``): the demo and the e2e benchmark."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from apparate.workloads import WORKLOADS
+from apparate._version import __version__
+from apparate.demo._extra import require_extra
+from apparate.demo.experiment import ExperimentConfig, run, table
+from apparate.demo.workloads import WORKLOADS
+
+MODES = ("release", "compact")
+
+DESCRIPTION = "apparate: early exits for ML models, managed while the model serves traffic."
+
+EPILOG = """examples:
+  apparate demo --workload cv-fashion --mode compact
+  apparate bench e2e --workload cv-fashion --mode release --out results/cv-fashion-release
+
+The first run of a workload fetches its model and data and may train its model (minutes); later
+runs reuse the cache (~/.cache/apparate, or $APPARATE_CACHE). Both commands need the demo extra:
+pip install "apparate[demo]"."""
+
+DEMO_DESCRIPTION = """Runs one workload end to end: fetches its model and data, prepares it, trains
+its ramps (or loads them from the cache), serves the same requests and arrivals through the
+unmodified model and through apparate, and prints the comparison. summary.json, requests.csv,
+latency_cdf.png and adaptation.png go to DIR/<workload>/."""
+
+E2E_DESCRIPTION = """The unmodified model and apparate on the same requests and arrivals: writes
+summary.json, requests.csv, latency_cdf.png and adaptation.png into --out (that folder itself), and
+prints the table (median and p95 latency, throughput, agreement, exit histogram, gap to the
+oracle).
+
+CPU timings use one thread. The two sides take turns on chunks of the stream (--chunk requests:
+vanilla serves a chunk, then apparate serves the same requests with the same arrival gaps, its
+runtime carrying over from chunk to chunk), so a machine whose speed drifts over minutes slows
+both alike. With --repeats N the stream is served N times on each side (a fresh runtime each
+time); latency figures are the medians over the runs, agreement and windows are over every
+request of every run, and summary.json lists each run. Throughput comes from saturated runs
+(every request queued at once), alternating; its ratio is the median of the pairs' ratios."""
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser and the e2e subcommand's (which reports bad option values)."""
+    parser = argparse.ArgumentParser(prog="apparate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"apparate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run one workload end to end and compare",
+                               description=DEMO_DESCRIPTION)
+    demo.add_argument("--workload", choices=WORKLOADS, default="nlp-sentiment",
+                      help="default: %(default)s")
+    demo.add_argument("--mode", choices=MODES, default="release",
+                      help="release: exited samples run on for feedback; compact: they leave "
+                           "the batch (default: %(default)s)")
+    demo.add_argument("--out", type=Path, default=Path("apparate-demo"), metavar="DIR",
+                      help="results go to DIR/<workload>/ (default: %(default)s)")
+
+    bench = commands.add_parser("bench", help="benchmarks that ship with the package",
+                                description="Benchmarks that run from the installed package.")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    e2e = benchmarks.add_parser("e2e", help="vanilla vs apparate on one workload's stream",
+                                description=E2E_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_e2e_options(e2e)
+    return parser, e2e
+
+
+def _add_e2e_options(e2e: argparse.ArgumentParser) -> None:
+    defaults = ExperimentConfig()
+    e2e.add_argument("--workload", choices=WORKLOADS, required=True)
+    e2e.add_argument("--mode", choices=MODES, default="release", help="default: %(default)s")
+    e2e.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="the folder the results are written to")
+    e2e.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
+                     metavar="FRACTION",
+                     help="most answers that may differ from the unmodified model's "
+                          "(default: %(default)s)")
+    e2e.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
+                     metavar="FRACTION",
+                     help="most extra latency a request that never exits may pay for ramps, as a "
+                          "fraction of the model's (default: %(default)s)")
+    e2e.add_argument("--feedback-fraction", type=float, default=defaults.feedback_fraction,
+                     metavar="FRACTION",
+                     help="compact mode: share of exited rows kept running for feedback "
+                          "(default: %(default)s)")
+    e2e.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="N",
+                     help="largest batch the batcher forms (default: %(default)s)")
+    e2e.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms, metavar="MS",
+                     help="longest a request waits for its batch to fill (default: %(default)s)")
+    e2e.add_argument("--load", type=float, default=defaults.load, metavar="FRACTION",
+                     help="Poisson arrival rate as a fraction of vanilla capacity "
+                          "(default: %(default)s)")
+    e2e.add_argument("--repeats", type=int, default=defaults.repeats, metavar="N",
+                     help="stream runs per side, each with a fresh runtime; latency figures "
+                          "are the medians over runs (default: %(default)s)")
+    e2e.add_argument("--full-stream", action="store_true",
+                     help="nlp-sentiment: serve every tweet left after the ramps' share "
+                          "(about 17,000) instead of the first 3,000; the other workloads "
+                          "always serve their whole stream")
+    e2e.add_argument("--chunk", type=int, default=defaults.chunk, metavar="N",
+                     help="requests per chunk: vanilla and apparate serve each chunk in "
+                          "turn, so the machine's drift hits both alike (0: each side serves "
+                          "the whole stream at once; default: %(default)s)")
+    e2e.add_argument("--seed", type=int, default=defaults.seed,
+                     help="seeds torch, the Poisson arrivals and the runtime's feedback sampling "
+                          "(default: %(default)s)")
+
+
+def _e2e_config(args: argparse.Namespace, e2e: argparse.ArgumentParser) -> ExperimentConfig:
+    try:
+        return ExperimentConfig(
+            workload=args.workload, mode=args.mode, accuracy_constraint=args.accuracy_constraint,
+            ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
+            max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load,
+            repeats=args.repeats, full_stream=args.full_stream, chunk=args.chunk,
+            seed=args.seed)
+    except ValueError as error:
+        e2e.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apparate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run one workload end to end and compare")
-    demo.add_argument("--workload", choices=WORKLOADS, default="nlp-sentiment")
-    demo.add_argument("--out", type=Path, default=Path("apparate-demo"),
-                      help="folder for summary.json, requests.csv and the plots")
+    """Run the command with ``argv`` (default: the process's arguments); returns its exit status."""
+    parser, e2e = _parser()
     args = parser.parse_args(argv)
-
-    from apparate.serve.experiment import ExperimentConfig, run, table
-
-    summary = run(ExperimentConfig(workload=args.workload), args.out / args.workload)
-    print(table(summary))
-    print(f"plots, requests.csv and summary.json: {args.out / args.workload}")
+    if args.command == "demo":
+        config = ExperimentConfig(workload=args.workload, mode=args.mode)
+        out = args.out / args.workload
+    else:
+        config, out = _e2e_config(args, e2e), args.out
+    try:
+        require_extra()
+    except ImportError as error:
+        parser.exit(1, f"{error}\n")
+    print(table(run(config, out)))
+    if args.command == "demo":
+        print(f"plots, requests.csv and summary.json: {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

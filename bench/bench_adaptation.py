@@ -3,7 +3,7 @@
     python bench/bench_adaptation.py            # 8 active ramps of 12 sites, 512-sample windows
     python bench/bench_adaptation.py --smoke    # a few repetitions, seconds
 
-Targets (issue): tuner median <= 5 ms per call, adjuster median <= 50 ms per call. Each call gets
+Targets: tuner median <= 5 ms per call, adjuster median <= 50 ms per call. Each call gets
 a fresh synthetic window (deeper ramps more confident, confident answers agree more often), so
 the timings cover a spread of search lengths. Printed: median, p20, p80 and max in milliseconds
 (the adjuster's max is the call that checks for a ramp to prune, once every cooldown calls).
@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from apparate.runtime.adjuster import RampAdjuster
-from apparate.runtime.feedback import Feedback
-from apparate.runtime.latency import LatencyProfile
-from apparate.runtime.policy import evaluate
-from apparate.runtime.tuner import ThresholdTuner
+from apparate.control.adjuster import RampAdjuster
+from apparate.control.feedback import Feedback
+from apparate.control.latency import LatencyProfile
+from apparate.control.policy import evaluate
+from apparate.control.tuner import ThresholdTuner
 
 NUM_SITES, ACTIVE, WINDOW = 12, (1, 2, 4, 5, 7, 8, 9, 11), 512
 

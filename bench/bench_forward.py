@@ -27,13 +27,13 @@ import time
 import numpy as np
 import torch
 
-from apparate.assets import cache_dir
+from apparate.control.initial import spread_over_latency
+from apparate.control.policy import SAFE_THRESHOLD
+from apparate.demo.assets import cache_dir
+from apparate.demo.experiment import ramps_for
+from apparate.demo.workloads import WORKLOADS, load_workload
 from apparate.runtime import profiler
 from apparate.runtime.forward import EarlyExitForward
-from apparate.runtime.policy import SAFE_THRESHOLD
-from apparate.runtime.runtime import spread_over_latency
-from apparate.serve.experiment import ramps_for
-from apparate.workloads import WORKLOADS, load_workload
 
 
 def candidates(workload, ee, inputs, sites):
@@ -47,14 +47,14 @@ def candidates(workload, ee, inputs, sites):
     for mode in ("release", "compact"):
         for case in ("closed", "open", "exits"):
             forward = EarlyExitForward(ee, mode=mode)
-            forward.set_active(sites)
             thresholds = np.full(len(ee.sites), SAFE_THRESHOLD)
+            forward.configure(sites, thresholds)
             if case == "open":  # finite, so open, but above every confidence
                 thresholds[list(sites)] = 2.0
             elif case == "exits":
                 probe = forward(*inputs).site_confidence
                 thresholds[list(sites)] = np.median(probe[:, list(sites)], axis=0)
-            forward.set_thresholds(thresholds)
+            forward.configure(sites, thresholds)
             found[f"{mode}, {case}"] = lambda forward=forward: forward(*inputs)
     return found
 

@@ -4,7 +4,7 @@
     python bench/bench_ops.py --smoke         # seconds on a CPU: every provider checked, few reps
     python bench/bench_ops.py --csv bench/results/ops_cpu.csv
 
-Shapes (issue 2): NLP ramp (B, T, H, K) = (32, 128, 384, 3) cls pooling; CV ramp
+Shapes: NLP ramp (B, T, H, K) = (32, 128, 384, 3) cls pooling; CV ramp
 (32, 1280, 7, 7) avg pooling, K = 1000; LM ramp (B, H, K) = (8, 576, 49152) with RMS norm;
 compaction of a (256, 128, 1024) float16 batch, half the rows kept, in place and out of place.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import os
 import statistics
 import sys
@@ -33,9 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import apparate
-from apparate.ops import _dispatch
-from apparate.ops.compact_rows import compact_rows_ref
-from apparate.ops.ramp_exit import ramp_exit_ref
+from apparate.ops import available, compact_rows_ref, ramp_exit_ref
 
 
 @dataclass
@@ -143,21 +140,26 @@ def eager_ramp(case: RampCase, threshold: torch.Tensor):
 def ramp_providers(case: RampCase, threshold: torch.Tensor, device: str, smoke: bool):
     args = (case.hidden, case.weight, case.bias, threshold, case.pool, "maxprob", None, None,
             case.norm, case.norm_weight, 1e-6, None)
+    head = apparate.RampHead(case.weight, case.bias, case.pool, norm=case.norm,
+                             norm_weight=case.norm_weight)
     providers = {
         "eager": lambda: eager_ramp(case, threshold),
-        "apparate": lambda: apparate.ramp_exit(
-            case.hidden, case.weight, case.bias, threshold, pool=case.pool, norm=case.norm,
-            norm_weight=case.norm_weight),
+        "apparate": lambda: apparate.ramp_exit(case.hidden, head, threshold),
     }
     if not smoke:
         compiled = torch.compile(ramp_exit_ref)
         providers["compiled"] = lambda: compiled(*args)
-    if device == "cuda":
-        triton_kernels = importlib.import_module("apparate.kernels.ramp_exit")
-        providers["triton"] = lambda: triton_kernels.ramp_exit_triton(*args)
-        if _dispatch._compiled("ramp_exit", "cuda")[0] is not None:
-            providers["cuda"] = lambda: torch.ops.apparate_C.ramp_exit.default(*args)
+    for backend, fn in gpu_backends("ramp_exit", device).items():
+        providers[backend] = lambda fn=fn: fn(*args)
     return providers
+
+
+def gpu_backends(op: str, device: str) -> dict[str, Callable]:
+    """The GPU backends of ``op`` that run here, to be called directly (none on a CPU)."""
+    if device != "cuda":
+        return {}
+    return {backend: fn for backend, fn in available(op, "cuda").items()
+            if backend in ("triton", "cuda") and callable(fn)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,18 +203,12 @@ def compact_providers(x, keep, device: str, smoke: bool) -> dict[str, Callable[[
         compiled = torch.compile(compact_rows_ref)
         providers["compiled out"] = _returning(
             out, lambda: compiled(rows, keep, out_rows, index, count))
-    if device == "cuda":
-        kernels = importlib.import_module("apparate.kernels.compact_rows")
-        providers["triton out"] = _returning(
-            out, lambda: kernels.compact_rows_triton(rows, keep, out_rows, index, count))
-        providers["triton inplace"] = _returning(
-            work, lambda: kernels.compact_rows_inplace_triton(work_rows, keep, index, count))
-        if _dispatch._compiled("compact_rows", "cuda")[0] is not None:
-            providers["cuda out"] = _returning(out, lambda: torch.ops.apparate_C.compact_rows.default(
-                rows, keep, out_rows, index, count))
-            providers["cuda inplace"] = _returning(
-                work, lambda: torch.ops.apparate_C.compact_rows_.default(work_rows, keep, index,
-                                                                          count))
+    in_place = gpu_backends("compact_rows_", device)
+    for backend, fn in gpu_backends("compact_rows", device).items():
+        providers[f"{backend} out"] = _returning(
+            out, lambda fn=fn: fn(rows, keep, out_rows, index, count))
+        providers[f"{backend} inplace"] = _returning(
+            work, lambda fn=in_place[backend]: fn(work_rows, keep, index, count))
     return providers
 
 

@@ -1,4 +1,4 @@
-"""Test set-up for machines with or without a GPU (shared/DESIGN.md section 5).
+"""Test set-up for machines with or without a GPU: GPU-only tests skip, Triton runs interpreted.
 
 Without a GPU, Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET must be
 set before anything imports triton, so it is set here, at collection time.
@@ -15,6 +15,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from apparate.ops import _dispatch  # noqa: E402
+from tests import helpers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +31,15 @@ def _fresh_backend_choice(monkeypatch):
 def device() -> str:
     """The device the backend tests run on: the GPU when there is one, else the CPU."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def trained_cnn():
+    """The trained SmallResNet, built once per session (tests must not change it)."""
+    return helpers.train_cnn()
+
+
+@pytest.fixture(scope="session")
+def trained_ramps(trained_cnn):
+    """(the trained CNN, its EEModel with trained ramps), built once per session (read only)."""
+    return trained_cnn, helpers.with_trained_ramps(trained_cnn)

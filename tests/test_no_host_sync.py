@@ -4,12 +4,17 @@ data-dependent output shape."""
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 import apparate
+from apparate.ops import BACKENDS
 from apparate.testing import HostSyncError, forbid_host_sync
-from tests.ops.backends import BACKENDS, implementation
+from tests.helpers import implementation
+from tests.helpers import separable
 
 
 def test_the_checker_catches_syncs():
@@ -81,8 +86,8 @@ class TwoRampNet(torch.nn.Module):
         exits = []
         for i, ramp in enumerate(self.ramps):
             h = self.blocks[i](h)
-            result = apparate.ramp_exit(h, ramp.weight, ramp.bias, self.thresholds[i],
-                                        pool="cls", alive=alive)
+            result = apparate.ramp_exit(h, apparate.RampHead(ramp.weight, ramp.bias, "cls"),
+                                        self.thresholds[i], alive=alive)
             exits.append((origin.clone(), result.exit_mask, result.prediction))
             keep = alive & ~result.exit_mask
             apparate.compact_rows(h, keep, h, index_out=index, count_out=count)
@@ -120,3 +125,39 @@ def test_integer_indexing_is_not_a_sync():
         x[torch.tensor([5, 1])] = 0.0
     with pytest.raises(HostSyncError), forbid_host_sync():
         x[torch.tensor([True, False, True, False, True, False])] = 1.0
+
+
+_READS = ("numpy", "cpu", "tolist", "item", "__array__")
+
+
+@pytest.mark.parametrize("mode", ["release", "compact"])
+def test_infer_reads_the_device_only_through_the_channel(monkeypatch, tmp_path, mode,
+                                                          trained_ramps):
+    """Every value ``Runtime.infer`` reads from the device goes through
+    ``runtime.channel.DeviceToHost`` (non-blocking copies, polled): a read from anywhere else
+    fails, and so does any op that makes the host wait."""
+    _, ee = trained_ramps
+    stream = separable(96)
+    rt = apparate.Runtime(ee, mode=mode, ramp_budget=0.5, example_inputs=(stream[:8],),
+                          profile_cache=tmp_path, background=False, feedback_fraction=0.5)
+    rt.forward.configure([0, 2], np.where(np.isin(np.arange(len(ee.sites)), [0, 2]), 0.6, np.inf))
+    expected = rt.infer(stream[:32])
+    through_channel = []
+
+    def guarded(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__")
+            if caller != "apparate.runtime.channel":
+                raise AssertionError(f"Tensor.{name} called from {caller}, not the channel")
+            through_channel.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
+    with forbid_host_sync():
+        got = rt.infer(stream[:32])
+    monkeypatch.undo()
+    assert through_channel, "nothing was read through the channel: the test guards nothing"
+    assert [r.prediction for r in got] == [r.prediction for r in expected]
+    assert any(r.exit_site is not None for r in got), "some rows should exit at the ramps"

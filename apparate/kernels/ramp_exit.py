@@ -392,21 +392,10 @@ def _logits_blocks(batch: int, classes: int, features: int, sms: int) -> tuple[i
     return block_b, block_k, 16, max(4, block_b * block_k // 512)
 
 
-def ramp_exit_triton(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    threshold: Tensor,
-    pool: str,
-    metric: str,
-    mask: Tensor | None,
-    alive: Tensor | None,
-    norm: str | None,
-    norm_weight: Tensor | None,
-    norm_eps: float,
-    logits_out: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton ``ramp_exit`` on validated arguments (see ``apparate.ops.ramp_exit.ramp_exit``).
+def ramp_exit_triton(hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight,
+                     norm_eps, logits_out) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton ``ramp_exit`` on validated arguments: the op's schema arguments, whose types the
+    schema and the reference ``apparate.ops.ramp_exit.ramp_exit_ref`` give.
 
     Returns confidence (B,) float32, prediction (B,) int64, exit_mask (B,) bool.
     """

@@ -23,7 +23,7 @@ from torch import Tensor
 from apparate.models.fx_sites import UntraceableModelError, fx_backbone
 from apparate.models.hf_bert import base_encoder, bert_backbone
 from apparate.models.segments import SegmentedBackbone, Site, pool_for
-from apparate.ops.ramp_exit import pool_ref
+from apparate.ops.ramp_exit import RampHead, pool_ref
 
 FORMAT_VERSION = 1
 
@@ -82,6 +82,11 @@ class EEModel(torch.nn.Module):
     def forward(self, *inputs) -> Tensor:
         """The unmodified model's logits, run segment by segment (bit-identical to the model)."""
         return self.backbone.run(*inputs)
+
+    def ramp_heads(self, device: torch.device | str) -> list[RampHead]:
+        """Each site's ramp as a ``RampHead`` on ``device`` (a copy of the current weights)."""
+        return [RampHead(r.weight.detach().to(device), r.bias.detach().to(device), site.pool)
+                for r, site in zip(self.ramps, self.sites)]
 
     def pooled(self, state, site: Site) -> Tensor:
         """(B, H) float32 pooled hidden state a ramp at ``site`` sees."""
@@ -169,10 +174,34 @@ class EEModel(torch.nn.Module):
 
 
 def _progress(total: int, what: str, enabled: bool):
-    from tqdm import tqdm
-
+    """A progress bar on stderr with update(n) and close(): tqdm's where it is installed (it
+    comes with the demo extra), else a plain counter, so training shows progress either way."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total, f"apparate: {what}", enabled)
     return tqdm(total=total, desc=f"apparate: {what}", disable=not enabled, file=sys.stderr,
                 leave=False)
+
+
+class _PlainProgress:
+    """One stderr line, rewritten in place whenever the whole percentage done changes."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self.total, self.description, self.enabled = max(total, 1), description, enabled
+        self.done, self.shown = 0, -1
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        percent = 100 * self.done // self.total
+        if self.enabled and percent != self.shown:
+            self.shown = percent
+            print(f"\r{self.description}: {self.done}/{self.total} ({percent}%)", end="",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.shown >= 0:
+            print(file=sys.stderr, flush=True)
 
 
 def _profile_sites(backbone: SegmentedBackbone, example_inputs, repeats: int = 3) -> list[float]:

@@ -48,21 +48,15 @@ def _fake(*args) -> None:
     return None
 
 
-_dispatch.register_reference("compact_rows", compact_rows_ref)
-_dispatch.register_reference("compact_rows_", compact_rows_inplace_ref)
-_lib = torch.library.Library("apparate", "FRAGMENT")
-_lib.define(
-    "compact_rows(Tensor x, Tensor keep, Tensor(a!) out, Tensor(b!) index, Tensor(c!) count) -> ()"
-)
-_lib.define("compact_rows_(Tensor(a!) x, Tensor keep, Tensor(b!) index, Tensor(c!) count) -> ()")
-for _name in ("compact_rows", "compact_rows_"):
-    for _key, _device in (("CPU", "cpu"), ("CUDA", "cuda")):
-        _lib.impl(
-            _name,
-            lambda *a, _n=_name, _d=_device: _dispatch.implementation(_n, _d)(*a),
-            _key,
-        )
-    torch.library.register_fake(f"apparate::{_name}", _fake, lib=_lib)
+_dispatch.register(
+    "compact_rows",
+    "compact_rows(Tensor x, Tensor keep, Tensor(a!) out, Tensor(b!) index, Tensor(c!) count) -> ()",
+    reference=compact_rows_ref, fake=_fake, triton=("compact_rows", "compact_rows_triton"))
+_dispatch.register(
+    "compact_rows_",
+    "compact_rows_(Tensor(a!) x, Tensor keep, Tensor(b!) index, Tensor(c!) count) -> ()",
+    reference=compact_rows_inplace_ref, fake=_fake,
+    triton=("compact_rows", "compact_rows_inplace_triton"))
 
 
 def _rows_view(name: str, value: Tensor) -> Tensor:
@@ -110,7 +104,7 @@ def compact_rows(
     _checks.tensor("x", x)
     _checks.tensor("keep", keep)
     if x.dim() < 1:
-        raise ValueError(f"x must have a batch dimension (B, ...); got a 0-dim tensor")
+        raise ValueError("x must have a batch dimension (B, ...); got a 0-dim tensor")
     batch = x.shape[0]
     _checks.dtype("keep", keep, (torch.bool,))
     _checks.shape("keep", keep, (batch,), "(B,)")

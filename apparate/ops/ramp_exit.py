@@ -1,13 +1,14 @@
 """``ramp_exit``: evaluate a ramp (exit head) and decide which samples exit, in one fused op.
 
 This file holds the readable reference (``ramp_exit_ref``, float32 math, nothing read back to the
-host), the argument checks, the ``torch.library`` registration with its fake, and the public
-function. Kernels: ``apparate/kernels/ramp_exit.py`` (Triton), ``csrc/`` (C++ CPU and CUDA).
+host), the validated head (``RampHead``), the per-call checks, the registration with its fake, and
+the public function. Kernels: ``apparate/kernels/ramp_exit.py`` (Triton), ``csrc/`` (C++ CPU and CUDA).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,6 @@ class RampExit(NamedTuple):
     confidence: Tensor
     prediction: Tensor
     exit_mask: Tensor
-
 
 
 def pool_ref(hidden: Tensor, pool: str, mask: Tensor | None) -> Tensor:
@@ -138,92 +138,100 @@ def ramp_exit_ref(
     return confidence, prediction, exit_mask
 
 
-def _valid_fast(
-    hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight, norm_eps,
-    logits_out,
-) -> bool:
-    """True when the common call is certainly valid; anything else goes to the full ``_check``,
-    which gives the detailed error (or accepts the less common forms)."""
-    if mask is not None or norm is not None or norm_weight is not None or logits_out is not None:
-        return False
-    if type(hidden) is not Tensor or type(weight) is not Tensor or type(threshold) is not Tensor:
-        return False
-    shape = hidden.shape
-    wshape = weight.shape
-    dev = hidden.device
-    return (
-        _POOL_NDIM.get(pool) == len(shape)
-        and metric in METRICS
-        and hidden.dtype in FLOAT_DTYPES
-        and weight.dtype in FLOAT_DTYPES
-        and len(wshape) == 2
-        and wshape[0] >= 2
-        and wshape[1] == shape[-1 if pool in _TOKEN_POOLS else 1]
-        and (pool not in _TOKEN_POOLS or shape[1] > 0)
-        and weight.device == dev
-        and threshold.dtype == torch.float32
-        and threshold.dim() == 0
-        and threshold.device == dev
-        and (
-            bias is None
-            or (
-                type(bias) is Tensor
-                and bias.shape == wshape[:1]
-                and bias.dtype in FLOAT_DTYPES
-                and bias.device == dev
-            )
-        )
-        and (
-            alive is None
-            or (
-                type(alive) is Tensor
-                and alive.dtype == torch.bool
-                and alive.shape == shape[:1]
-                and alive.device == dev
-            )
-        )
-        and type(norm_eps) in (float, int)
-        and norm_eps > 0
-    )
+@dataclass(frozen=True)
+class RampHead:
+    """A ramp (exit head), validated once at construction.
+
+    weight: (K, H) with K >= 2 classes; bias: (K,) or None; pool: how ``hidden`` is pooled to
+    (B, H) ("cls" | "mean" | "last" for (B, T, H) tokens, "avg" for (B, C, Hh, Ww) maps, "none"
+    for (B, H)); metric: "maxprob" | "margin" | "entropy"; norm: None | "rms" | "layer" with
+    ``norm_weight: (H,)`` and ``norm_eps``, applied after pooling. Every tensor is on one device.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    pool: str
+    metric: str = "maxprob"
+    norm: str | None = None
+    norm_weight: Tensor | None = None
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _checks.choice("pool", self.pool, POOLS)
+        _checks.choice("metric", self.metric, METRICS)
+        _checks.choice("norm", self.norm, NORMS)
+        weight = _checks.tensor("weight", self.weight)
+        _checks.dtype("weight", weight, FLOAT_DTYPES)
+        _checks.ndim("weight", weight, 2, "(K, H)")
+        classes, features = weight.shape
+        if classes < 2:
+            raise ValueError(f"weight must have at least K = 2 rows (classes); got {tuple(weight.shape)}")
+        dev = weight.device
+        if self.bias is not None:
+            _checks.tensor("bias", self.bias)
+            _checks.dtype("bias", self.bias, FLOAT_DTYPES)
+            _checks.shape("bias", self.bias, (classes,), "(K,)")
+            _checks.device("bias", self.bias, dev, "weight")
+        if self.norm is not None:
+            if self.norm_weight is None:
+                raise ValueError(f"norm={self.norm!r} needs norm_weight of shape (H,) = ({features},)")
+            _checks.tensor("norm_weight", self.norm_weight)
+            _checks.dtype("norm_weight", self.norm_weight, FLOAT_DTYPES)
+            _checks.shape("norm_weight", self.norm_weight, (features,), "(H,)")
+            _checks.device("norm_weight", self.norm_weight, dev, "weight")
+        elif self.norm_weight is not None:
+            raise ValueError("norm_weight is given but norm is None; pass norm='rms' or norm='layer'")
+        if type(self.norm_eps) not in (int, float) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive float; got {self.norm_eps!r}")
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        if weight.stride(1) != 1:  # the kernels read each class's row contiguously
+            object.__setattr__(self, "weight", weight.contiguous())
+
+    @property
+    def classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def to(self, device: torch.device | str) -> RampHead:
+        move = lambda t: None if t is None else t.detach().to(device)  # noqa: E731
+        return RampHead(move(self.weight), move(self.bias), self.pool, self.metric, self.norm,
+                        move(self.norm_weight), self.norm_eps)
 
 
-def _check(
-    hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight, norm_eps,
-    logits_out,
-) -> Tensor | None:
-    """Validate the arguments; return ``mask`` as bool (or None)."""
-    _checks.choice("pool", pool, POOLS)
-    _checks.choice("metric", metric, METRICS)
-    _checks.choice("norm", norm, NORMS)
-    _checks.tensor("hidden", hidden)
-    _checks.dtype("hidden", hidden, FLOAT_DTYPES)
-    _checks.ndim("hidden", hidden, _POOL_NDIM[pool], f"{_POOL_LAYOUT[pool]} for pool={pool!r}")
-    dev = hidden.device
+def _check_call(hidden, head, threshold, mask, alive, logits_out) -> Tensor | None:
+    """Validate the per-call arguments against ``head``; return ``mask`` as bool (or None).
+
+    The common call (no mask, no logits_out) passes with a handful of comparisons; anything else
+    is examined argument by argument so the error names what was wrong."""
+    if type(head) is not RampHead:
+        raise TypeError(f"head must be an apparate.RampHead; got {type(head).__name__}")
+    pool = head.pool
+    dev = head.device
+    if (type(hidden) is not Tensor or hidden.dim() != _POOL_NDIM[pool]
+            or hidden.dtype not in FLOAT_DTYPES or hidden.device != dev
+            or hidden.shape[-1 if pool in _TOKEN_POOLS else 1] != head.features
+            or (pool in _TOKEN_POOLS and hidden.shape[1] == 0)):
+        _explain_hidden(hidden, head)
     batch = hidden.shape[0]
-    features = hidden.shape[1] if pool in ("avg", "none") else hidden.shape[2]
-    if pool in ("cls", "last", "mean") and hidden.shape[1] == 0:
-        raise ValueError(f"hidden must have at least one token (T >= 1); got shape {tuple(hidden.shape)}")
-    _checks.tensor("weight", weight)
-    _checks.dtype("weight", weight, FLOAT_DTYPES)
-    _checks.ndim("weight", weight, 2, "(K, H)")
-    _checks.device("weight", weight, dev, "hidden")
-    classes = weight.shape[0]
-    if weight.shape[1] != features:
-        raise ValueError(
-            f"weight must have shape (K, H) with H = {features} (the feature size of hidden "
-            f"{tuple(hidden.shape)}); got {tuple(weight.shape)}"
-        )
-    if classes < 2:
-        raise ValueError(f"weight must have at least K = 2 rows (classes); got {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias)
-        _checks.dtype("bias", bias, FLOAT_DTYPES)
-        _checks.shape("bias", bias, (classes,), "(K,)")
-        _checks.device("bias", bias, dev, "hidden")
-    _checks.tensor("threshold", threshold)
-    _checks.dtype("threshold", threshold, (torch.float32,))
-    _checks.shape("threshold", threshold, (), "() (a 0-dim tensor)")
-    _checks.device("threshold", threshold, dev, "hidden")
+    if (type(threshold) is not Tensor or threshold.dtype != torch.float32
+            or threshold.dim() != 0 or threshold.device != dev):
+        _checks.tensor("threshold", threshold)
+        _checks.dtype("threshold", threshold, (torch.float32,))
+        _checks.shape("threshold", threshold, (), "() (a 0-dim tensor)")
+        _checks.device("threshold", threshold, dev, "hidden")
+    if alive is not None and (type(alive) is not Tensor or alive.dtype != torch.bool
+                              or alive.shape != (batch,) or alive.device != dev):
+        _checks.tensor("alive", alive)
+        _checks.dtype("alive", alive, (torch.bool,))
+        _checks.shape("alive", alive, (batch,), "(B,)")
+        _checks.device("alive", alive, dev, "hidden")
     if mask is not None:
         if pool not in ("mean", "last"):
             raise ValueError(f"mask is only used with pool='mean' or 'last'; got pool={pool!r}")
@@ -234,30 +242,31 @@ def _check(
             if mask.is_floating_point() or mask.is_complex():
                 raise TypeError(f"mask must be bool or an integer dtype; got {mask.dtype}")
             mask = mask != 0
-    if alive is not None:
-        _checks.tensor("alive", alive)
-        _checks.dtype("alive", alive, (torch.bool,))
-        _checks.shape("alive", alive, (batch,), "(B,)")
-        _checks.device("alive", alive, dev, "hidden")
-    if norm is not None:
-        if norm_weight is None:
-            raise ValueError(f"norm={norm!r} needs norm_weight of shape (H,) = ({features},)")
-        _checks.tensor("norm_weight", norm_weight)
-        _checks.dtype("norm_weight", norm_weight, FLOAT_DTYPES)
-        _checks.shape("norm_weight", norm_weight, (features,), "(H,)")
-        _checks.device("norm_weight", norm_weight, dev, "hidden")
-    elif norm_weight is not None:
-        raise ValueError("norm_weight is given but norm is None; pass norm='rms' or norm='layer'")
-    if not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
-        raise ValueError(f"norm_eps must be a positive float; got {norm_eps!r}")
     if logits_out is not None:
         _checks.tensor("logits_out", logits_out)
         _checks.dtype("logits_out", logits_out, (torch.float32,))
-        _checks.shape("logits_out", logits_out, (batch, classes), "(B, K)")
+        _checks.shape("logits_out", logits_out, (batch, head.classes), "(B, K)")
         _checks.device("logits_out", logits_out, dev, "hidden")
         if not logits_out.is_contiguous():
             raise ValueError(f"logits_out must be contiguous; got strides {logits_out.stride()}")
     return mask
+
+
+def _explain_hidden(hidden, head: RampHead) -> None:
+    """Raise the error that says how ``hidden`` does not fit ``head``."""
+    pool = head.pool
+    _checks.tensor("hidden", hidden)
+    _checks.dtype("hidden", hidden, FLOAT_DTYPES)
+    _checks.ndim("hidden", hidden, _POOL_NDIM[pool], f"{_POOL_LAYOUT[pool]} for pool={pool!r}")
+    if pool in _TOKEN_POOLS and hidden.shape[1] == 0:
+        raise ValueError(f"hidden must have at least one token (T >= 1); got shape {tuple(hidden.shape)}")
+    features = hidden.shape[-1 if pool in _TOKEN_POOLS else 1]
+    if features != head.features:
+        raise ValueError(
+            f"weight must have shape (K, H) with H = {features} (the feature size of hidden "
+            f"{tuple(hidden.shape)}); got {tuple(head.weight.shape)}"
+        )
+    raise ValueError(f"the head's weight must be on hidden's device {hidden.device}; got {head.device}")
 
 
 _SCHEMA = (
@@ -267,7 +276,7 @@ _SCHEMA = (
 )
 
 
-def ramp_exit_fake(hidden, weight, *args) -> tuple[Tensor, Tensor, Tensor]:
+def ramp_exit_fake(hidden, *args) -> tuple[Tensor, Tensor, Tensor]:
     batch = hidden.shape[0]
     return (
         hidden.new_empty((batch,), dtype=torch.float32),
@@ -276,52 +285,31 @@ def ramp_exit_fake(hidden, weight, *args) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-_dispatch.register_reference("ramp_exit", ramp_exit_ref)
-_lib = torch.library.Library("apparate", "FRAGMENT")
-_lib.define(_SCHEMA)
-_lib.impl("ramp_exit", lambda *a: _dispatch.implementation("ramp_exit", "cpu")(*a), "CPU")
-_lib.impl("ramp_exit", lambda *a: _dispatch.implementation("ramp_exit", "cuda")(*a), "CUDA")
-torch.library.register_fake("apparate::ramp_exit", ramp_exit_fake, lib=_lib)
+_dispatch.register("ramp_exit", _SCHEMA, reference=ramp_exit_ref, fake=ramp_exit_fake,
+                   triton=("ramp_exit", "ramp_exit_triton"))
 
 
 def ramp_exit(
     hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
+    head: RampHead,
     threshold: Tensor,
     *,
-    pool: str,
-    metric: str = "maxprob",
     mask: Tensor | None = None,
     alive: Tensor | None = None,
-    norm: str | None = None,
-    norm_weight: Tensor | None = None,
-    norm_eps: float = 1e-6,
     logits_out: Tensor | None = None,
 ) -> RampExit:
-    """Pool ``hidden``, optionally normalise, apply the ramp head and decide exits.
+    """Pool ``hidden``, optionally normalise, apply the ramp ``head`` and decide exits.
 
-    hidden: (B, T, H) with pool "cls" | "mean" | "last" (``mask: (B, T)`` marks valid tokens for
-    "mean" and "last"), (B, C, Hh, Ww) with pool "avg", or (B, H) with pool "none".
-    weight: (K, H), bias: (K,) or None, threshold: 0-dim float32 on hidden's device (overwrite it
-    in place to retune; nothing recompiles). metric: "maxprob" | "margin" | "entropy".
-    alive: (B,) bool; dead rows never exit and get confidence 0, prediction 0.
-    norm: None | "rms" | "layer" with ``norm_weight: (H,)``, applied after pooling.
+    hidden: (B, T, H) for pools "cls" | "mean" | "last" (``mask: (B, T)`` marks valid tokens for
+    "mean" and "last"), (B, C, Hh, Ww) for "avg", (B, H) for "none"; on the head's device.
+    threshold: 0-dim float32 on that device (overwrite it in place to retune; nothing
+    recompiles). alive: (B,) bool; dead rows never exit and get confidence 0, prediction 0.
     logits_out: (B, K) float32, receives the logits when given.
     """
-    if not _valid_fast(
-        hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight, norm_eps,
-        logits_out,
-    ):
-        mask = _check(
-            hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight,
-            norm_eps, logits_out,
-        )
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
+    mask = _check_call(hidden, head, threshold, mask, alive, logits_out)
     return RampExit(
         *_dispatch.entry("ramp_exit", hidden.device.type)(
-            hidden, weight, bias, threshold, pool, metric, mask, alive, norm, norm_weight,
-            float(norm_eps), logits_out,
+            hidden, head.weight, head.bias, threshold, head.pool, head.metric, mask, alive,
+            head.norm, head.norm_weight, head.norm_eps, logits_out,
         )
     )

@@ -1,7 +1,7 @@
 """The early-exit forward: the backbone segment by segment, ``ramp_exit`` at each active site,
 exited samples' answers released as soon as the host sees them.
 
-Modes (shared/DESIGN.md section 2):
+Modes:
 - ``release``: exited rows keep running to the final head, so every sample gives feedback.
 - ``compact``: exited rows leave the batch through ``compact_rows`` (every state tensor,
   in place) and later segments run on fewer rows; a ``feedback_fraction`` of rows is marked at
@@ -9,31 +9,71 @@ Modes (shared/DESIGN.md section 2):
   When a ramp's exits reach the host before its compaction is launched (on a CPU, always) and
   no row leaves there, the compaction is skipped.
 
-Nothing in ``EarlyExitForward.launch`` waits for the device. The host learns which rows exited,
-and in compact mode the live row count, only through ``channel.DeviceToHost`` slots it polls;
-until the count arrives later segments run on the stale, larger view, which is still correct
-because live rows are at the front and the rows behind them are marked dead.
+Every value the host reads from the device travels through ``channel.DeviceToHost``: each ramp
+publishes its confidences, predictions and exits (and, in compact mode, where its rows came from)
+in one slot when it has run, and the host polls the slots without waiting. Nothing in
+``EarlyExitForward.launch`` waits for the device; ``PendingBatch.wait`` waits once, for the
+batch's last slot. Until the live count of a compaction arrives, later segments run on the stale,
+larger view, which is still correct because live rows are at the front and the rows behind them
+are marked dead.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-import apparate
 from apparate.models.ee_model import EEModel
+from apparate.ops import compact_rows, ramp_exit
 from apparate.runtime.channel import DeviceToHost
-from apparate.runtime.policy import SAFE_THRESHOLD
 
 MODES = ("release", "compact")
 
-ReleaseCallback = Callable[[np.ndarray, np.ndarray, int, float], None]
-"""on_release(rows, predictions, site, time): rows (original batch positions) whose answers are
-known; site is the exiting ramp's site index, or -1 for the final head; time is perf_counter."""
+
+class Release(NamedTuple):
+    """Rows of a batch whose answers are known: rows (original batch positions), predictions and
+    confidences (the ramp's; NaN for the final head), site (the exiting ramp's site index, -1 for
+    the final head) and time (perf_counter)."""
+
+    rows: np.ndarray
+    predictions: np.ndarray
+    confidences: np.ndarray
+    site: int
+    time: float
+
+
+ReleaseCallback = Callable[[Release], None]
+
+
+class RampOutput(NamedTuple):
+    """One evaluated ramp's values on the host, per position of the view it ran on.
+
+    origin: the original row of each position (None: position = row); count: how many positions
+    were live (None: all of them)."""
+
+    site: int
+    confidence: np.ndarray
+    prediction: np.ndarray
+    exit_mask: np.ndarray
+    origin: np.ndarray | None
+    count: np.ndarray | None
+
+    def live_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The original rows of the live positions, and those positions."""
+        return _live_rows(self.confidence.shape[0], self.origin, self.count)
+
+
+def _live_rows(view: int, origin: np.ndarray | None, count: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    positions = np.arange(view)
+    if count is not None:
+        positions = positions[: int(count[0])]
+    return (positions if origin is None else origin[positions]), positions
 
 
 class BatchOutcome:
@@ -41,84 +81,38 @@ class BatchOutcome:
 
     prediction (B,): the released answer; exit_site (B,): site index of the exit, -1 = final head;
     confidence (B,): ramp confidence at the exit (NaN for the final head); release_time (B,);
-    site_confidence (B, S) and site_prediction (B, S): every active ramp's output (NaN / -1 where
-    not evaluated); final_prediction (B,): the unmodified model's answer (-1 where the row left
-    the batch without reaching the final head); feedback (B,): rows that form an unbiased sample
-    for the monitor (every row in release mode; the rows marked to keep running in compact mode,
-    whether or not they exited).
-
-    The arrays are assembled from the batch's outputs when first read (the per-site ones and the
-    per-row exits separately): releasing answers does not need them, so the serving thread can
-    hand the outcome to the controller, which reads only the per-site ones, beside serving.
-    Reading from several threads is safe (the assembly is idempotent).
+    site_confidence (B, S) and site_prediction (B, S): every evaluated ramp's output (NaN / -1
+    where not evaluated); final_prediction (B,): the unmodified model's answer (-1 where the row
+    left the batch without reaching the final head); feedback (B,): rows that form an unbiased
+    sample for the monitor (every row in release mode; the rows marked to keep running in compact
+    mode, whether or not they exited).
     """
 
-    def __init__(self, ramps: list[tuple], final: np.ndarray, release_time: np.ndarray,
+    def __init__(self, ramps: list[RampOutput], final: np.ndarray, release_time: np.ndarray,
                  feedback: np.ndarray, sites: int):
-        self._ramps = ramps
+        batch = final.shape[0]
         self.final_prediction = final
         self.release_time = release_time
-        self._feedback = feedback
-        self._sites = sites
-        self._per_site: dict[str, np.ndarray] | None = None
-        self._exits: dict[str, np.ndarray] | None = None
-
-    def _site_arrays(self) -> dict[str, np.ndarray]:
-        """Every evaluated ramp's confidence and prediction per original row (what the monitor
-        records), plus, per ramp, the rows it saw and which of them it let exit."""
-        if self._per_site is not None:
-            return self._per_site
-        batch = self.final_prediction.shape[0]
-        site_confidence = np.full((batch, self._sites), np.nan, dtype=np.float32)
-        site_prediction = np.full((batch, self._sites), -1, dtype=np.int64)
-        seen = []
-        for site, confidence, prediction, exit_mask, origin, count in self._ramps:
-            rows, live = _rows(origin, count, confidence.shape[0])
-            site_confidence[rows, site] = confidence.cpu().numpy()[live]
-            site_prediction[rows, site] = prediction.cpu().numpy()[live]
-            seen.append((site, rows, exit_mask.cpu().numpy()[live]))
-        self._per_site = {"site_confidence": site_confidence, "site_prediction": site_prediction,
-                          "seen": seen}
-        return self._per_site
-
-    def _exit_arrays(self) -> dict[str, np.ndarray]:
-        """Each row's exit (the first ramp that let it go) and released answer."""
-        if self._exits is not None:
-            return self._exits
-        per_site = self._site_arrays()
-        final = self.final_prediction
-        exit_site = np.full(final.shape[0], -1, dtype=np.int64)
-        for site, rows, exited in per_site["seen"]:
-            first = rows[exited & (exit_site[rows] < 0)]
-            exit_site[first] = site
-        exited = np.flatnonzero(exit_site >= 0)
-        prediction = final.copy()
-        confidence = np.full(final.shape[0], np.nan, dtype=np.float32)
-        prediction[exited] = per_site["site_prediction"][exited, exit_site[exited]]
-        confidence[exited] = per_site["site_confidence"][exited, exit_site[exited]]
-        self._exits = {"prediction": prediction, "exit_site": exit_site,
-                       "confidence": confidence}
-        return self._exits
-
-    prediction = property(lambda self: self._exit_arrays()["prediction"])
-    exit_site = property(lambda self: self._exit_arrays()["exit_site"])
-    confidence = property(lambda self: self._exit_arrays()["confidence"])
-    site_confidence = property(lambda self: self._site_arrays()["site_confidence"])
-    site_prediction = property(lambda self: self._site_arrays()["site_prediction"])
-
-    @property
-    def feedback(self) -> np.ndarray:
-        return self._feedback & (self.final_prediction >= 0)
+        self.feedback = feedback & (final >= 0)
+        self.site_confidence = np.full((batch, sites), np.nan, dtype=np.float32)
+        self.site_prediction = np.full((batch, sites), -1, dtype=np.int64)
+        self.exit_site = np.full(batch, -1, dtype=np.int64)
+        for ramp in ramps:
+            rows, positions = ramp.live_rows()
+            self.site_confidence[rows, ramp.site] = ramp.confidence[positions]
+            self.site_prediction[rows, ramp.site] = ramp.prediction[positions]
+            first = rows[ramp.exit_mask[positions] & (self.exit_site[rows] < 0)]
+            self.exit_site[first] = ramp.site
+        exited = np.flatnonzero(self.exit_site >= 0)
+        self.prediction = final.copy()
+        self.confidence = np.full(batch, np.nan, dtype=np.float32)
+        self.prediction[exited] = self.site_prediction[exited, self.exit_site[exited]]
+        self.confidence[exited] = self.site_confidence[exited, self.exit_site[exited]]
 
 
 class PendingBatch:
-    """A launched batch: release slots to poll, and the device tensors of its outcome.
-
-    ``ramps`` holds, per evaluated ramp in order, (site, confidence, prediction, exit_mask,
-    origin, count): ``origin`` maps each position of the (compacted) view to its original row
-    (None = identity) and ``count`` is the live-row count the view had (None = all rows);
-    ``final`` is (prediction, origin, count) of the final head, or None when no row reached it.
-    """
+    """A launched batch: one slot per evaluated ramp (whether it releases, and its values), and
+    the final head's slot (prediction, origin, count), or None when no row reached it."""
 
     def __init__(self, batch: int, sites: int, on_release: ReleaseCallback | None,
                  feedback: np.ndarray):
@@ -126,9 +120,9 @@ class PendingBatch:
         self.sites = sites
         self.on_release = on_release
         self.feedback = feedback
-        self.releases: list[tuple[int, DeviceToHost]] = []
-        self.ramps: list[tuple] = []
-        self.final: tuple | None = None
+        self.slots: list[tuple[int, bool, DeviceToHost]] = []  # (site, releases, slot)
+        self.ramps: list[RampOutput] = []
+        self.final: DeviceToHost | None = None
         self.release_time = np.full(batch, np.nan)
         self.unreleased = np.ones(batch, dtype=bool)
         # Compact mode, per site whose exits have arrived: whether any row leaves the batch
@@ -136,69 +130,58 @@ class PendingBatch:
         self.leaving: dict[int, bool] = {}
 
     def poll(self) -> None:
-        """Release every exit whose values have arrived; never waits. A row is released once:
-        rows that exited earlier still run (release mode, feedback rows) and may exit again."""
-        still = []
-        for site, slot in self.releases:
-            value = slot.poll()
-            if value is None:
-                still.append((site, slot))
-                continue
-            exited, predictions = value[0], value[1]
-            if len(value) == 3:  # compact mode: positions of the view -> original rows
-                positions = np.flatnonzero(exited)
-                rows = value[2][positions]
-                self.leaving[site] = not self.feedback[rows].all()
-                fresh = self.unreleased[rows]
-                rows, positions = rows[fresh], positions[fresh]
-            else:
-                rows = positions = np.flatnonzero(exited & self.unreleased)
-            if rows.size:
-                now = time.perf_counter()
-                self.unreleased[rows] = False
-                self.release_time[rows] = now
-                if self.on_release is not None:
-                    self.on_release(rows, predictions[positions], site, now)
-        self.releases = still
+        """Take in every slot whose values have arrived, releasing their exits; never waits. A row
+        is released once: rows that exited earlier still run (release mode, feedback rows) and
+        may exit again."""
+        while self.slots and (values := self.slots[0][2].poll()) is not None:
+            site, releases, _ = self.slots.pop(0)
+            self._arrived(RampOutput(site, *values), releases)
+
+    def _arrived(self, ramp: RampOutput, releases: bool) -> None:
+        self.ramps.append(ramp)
+        if not releases:
+            return
+        rows, positions = ramp.live_rows()
+        exited = ramp.exit_mask[positions]
+        rows, positions = rows[exited], positions[exited]
+        if ramp.origin is not None:
+            self.leaving[ramp.site] = not self.feedback[rows].all()
+        fresh = self.unreleased[rows]
+        rows, positions = rows[fresh], positions[fresh]
+        if rows.size:
+            now = time.perf_counter()
+            self.unreleased[rows] = False
+            self.release_time[rows] = now
+            if self.on_release is not None:
+                self.on_release(Release(rows, ramp.prediction[positions],
+                                        ramp.confidence[positions], ramp.site, now))
 
     def wait(self) -> BatchOutcome:
-        """Finish the batch (this does wait for the device) and release what is left."""
-        if self.final is not None and self.final[1] is None and self.final[2] is None:
-            final = self.final[0].cpu().numpy()  # every row reached the final head, in order
-        else:
-            final = np.full(self.batch, -1, dtype=np.int64)
-            if self.final is not None:
-                prediction, origin, count = self.final
-                rows, live = _rows(origin, count, prediction.shape[0])
-                final[rows] = prediction.cpu().numpy()[live]
-        while self.releases:
-            self.poll()
+        """Finish the batch (this waits for the device, once) and release what is left."""
+        for site, releases, slot in self.slots:  # in launch order: each wait is the next event
+            self._arrived(RampOutput(site, *slot.wait()), releases)
+        self.slots = []
+        final = np.full(self.batch, -1, dtype=np.int64)
+        if self.final is not None:
+            prediction, origin, count = self.final.wait()
+            rows, positions = _live_rows(prediction.shape[0], origin, count)
+            final[rows] = prediction[positions]
         now = time.perf_counter()
         left = np.flatnonzero(self.unreleased)
         if self.on_release is not None and left.size:
-            self.on_release(left, final[left], -1, now)
+            self.on_release(Release(left, final[left], np.full(left.size, np.nan, np.float32),
+                                    -1, now))
         self.release_time[left] = now
         return BatchOutcome(self.ramps, final, self.release_time, self.feedback, self.sites)
 
 
-def _rows(origin: Tensor | None, count: Tensor | None, view: int) -> tuple[np.ndarray, np.ndarray]:
-    """Original rows of the live positions of a view of ``view`` rows, and those positions."""
-    live = np.arange(view)
-    if count is not None:
-        live = live[: int(count.cpu().numpy()[0])]
-    if origin is None:
-        return live, live
-    return origin.cpu().numpy()[live], live
-
-
 class EarlyExitForward:
-    """Runs an ``EEModel`` with ramps at ``active`` sites and thresholds in a device tensor.
+    """Runs an ``EEModel`` with ramps at the active sites and thresholds in a device tensor.
 
-    ``thresholds`` (S,) float32 lives on the device; ``set_thresholds`` overwrites it in place
-    (write it only through that method: the host also keeps which sites are closed). A closed
-    site (threshold ``SAFE_THRESHOLD``) lets nothing exit, and the host knows it without reading
-    the device: its ramp is still evaluated (the monitor needs its confidences to open it later),
-    but nothing is released or compacted there.
+    ``thresholds`` (S,) float32 lives on the device; ``configure`` overwrites it in place and
+    sets the active sites. A closed site (threshold ``SAFE_THRESHOLD``, +inf) lets nothing exit,
+    and the host knows it without reading the device: its ramp is still evaluated (the monitor
+    needs its confidences to open it later), but nothing is released or compacted there.
     """
 
     def __init__(self, ee: EEModel, *, mode: str = "release", feedback_fraction: float = 0.1,
@@ -212,30 +195,28 @@ class EarlyExitForward:
         self.feedback_fraction = feedback_fraction
         self.device = torch.device(device)
         sites = len(ee.sites)
-        self.thresholds = torch.full((sites,), SAFE_THRESHOLD, device=self.device)
-        self.closed = frozenset(range(sites))
+        self.thresholds = torch.full((sites,), float("inf"), device=self.device)
         # Per-site 0-dim views of ``thresholds``: in-place updates show through, and the
         # forward does not index the tensor at every ramp.
         self.site_thresholds = [self.thresholds[i] for i in range(sites)]
-        self.weights = [r.weight.detach().to(self.device) for r in ee.ramps]
-        self.biases = [r.bias.detach().to(self.device) for r in ee.ramps]
+        self.heads = ee.ramp_heads(self.device)
         self.active: frozenset[int] = frozenset()
+        self.closed: frozenset[int] = frozenset(range(sites))
         self.rng = np.random.default_rng(seed)
 
-    def set_active(self, active) -> None:
-        active = tuple(sorted(set(int(a) for a in active)))
-        if any(not 0 <= a < len(self.ee.sites) for a in active):
-            raise ValueError(f"active sites must be in [0, {len(self.ee.sites)}); got {active}")
-        self.active = frozenset(active)
-
-    def set_thresholds(self, thresholds) -> None:
-        """Write (S,) thresholds, one per candidate site (``SAFE_THRESHOLD`` = closed)."""
+    def configure(self, active: Sequence[int], thresholds: np.ndarray) -> None:
+        """Serve ramps at the ``active`` sites with ``thresholds`` (S,), one per candidate site
+        (+inf = closed: nothing exits there; inactive sites' values are not used)."""
+        sites = len(self.ee.sites)
+        chosen = frozenset(int(a) for a in active)
+        if any(not 0 <= a < sites for a in chosen):
+            raise ValueError(f"active sites must be in [0, {sites}); got {sorted(chosen)}")
         values = np.asarray(thresholds, dtype=np.float32).reshape(-1)
-        if values.shape != (len(self.ee.sites),) or np.isnan(values).any():
-            raise ValueError(f"thresholds: expected {len(self.ee.sites)} values, no NaN; "
-                             f"got {values.tolist()}")
+        if values.shape != (sites,) or np.isnan(values).any():
+            raise ValueError(f"thresholds: expected {sites} values, no NaN; got {values.tolist()}")
         self.thresholds.copy_(torch.from_numpy(values))
-        self.closed = frozenset(np.flatnonzero(values == SAFE_THRESHOLD).tolist())
+        self.active = chosen
+        self.closed = frozenset(np.flatnonzero(values == np.inf).tolist())
 
     @torch.no_grad()
     def launch(self, *inputs: Tensor, on_release: ReleaseCallback | None = None) -> PendingBatch:
@@ -260,37 +241,26 @@ class EarlyExitForward:
                 continue
             site = self.ee.sites[index]
             mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
-            result = apparate.ramp_exit(state[0], self.weights[index], self.biases[index],
-                                        self.site_thresholds[index], pool=site.pool, mask=mask,
-                                        alive=alive)
-            if index in closed:  # nothing exits here: only the monitor reads this ramp
-                pending.ramps.append((index, result.confidence, result.prediction,
-                                      result.exit_mask, origin, count))
-                continue
-            if not compact:
-                pending.ramps.append((index, result.confidence, result.prediction,
-                                      result.exit_mask, None, None))
-                pending.releases.append(
-                    (index, DeviceToHost(result.exit_mask, result.prediction)))
-                pending.poll()
-                continue
-            if origin is None:
+            result = ramp_exit(state[0], self.heads[index], self.site_thresholds[index],
+                               mask=mask, alive=alive)
+            opens = index not in closed
+            if compact and opens and origin is None:
                 origin = torch.arange(batch, device=self.device)
                 keeps_running = torch.from_numpy(feedback).to(self.device, non_blocking=True)
-            pending.ramps.append((index, result.confidence, result.prediction, result.exit_mask,
-                                  origin, count))
-            pending.releases.append(
-                (index, DeviceToHost(result.exit_mask, result.prediction, origin)))
+            pending.slots.append((index, opens, DeviceToHost(
+                result.confidence, result.prediction, result.exit_mask, origin, count)))
             pending.poll()
+            if not compact or not opens:
+                continue
             if pending.leaving.get(index) is False:  # the exits are known and every row stays
                 continue
             keep = result.exit_mask <= keeps_running  # not exited, or kept running as feedback
             if alive is not None:
                 keep &= alive
-            _, moved, count = apparate.compact_rows(state[0], keep, state[0])
+            _, moved, count = compact_rows(state[0], keep, state[0])
             for tensor in state[1:]:
-                apparate.compact_rows(tensor, keep, tensor, index_out=moved,
-                                      count_out=torch.empty_like(count))
+                compact_rows(tensor, keep, tensor, index_out=moved,
+                             count_out=torch.empty_like(count))
             live = DeviceToHost(count).poll()
             if live is None:  # later segments run on the stale view, its dead rows masked
                 moved = moved.clamp(min=0)
@@ -300,6 +270,7 @@ class EarlyExitForward:
                 moved = moved[:n]
                 state = tuple(t[:n] for t in state)
                 alive = None  # every position of the shrunk view is live
+                count = None
             # New tensors, not in place: the published ``origin`` must not change.
             origin = origin.index_select(0, moved)
             keeps_running = keeps_running.index_select(0, moved)
@@ -307,7 +278,7 @@ class EarlyExitForward:
                 break
         if state[0].shape[0]:
             prediction = backbone.finish(state).argmax(1)
-            pending.final = (prediction, origin, count)
+            pending.final = DeviceToHost(prediction, origin, count)
         pending.poll()
         return pending
 

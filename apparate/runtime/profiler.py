@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import apparate
 from apparate.models.ee_model import EEModel
-from apparate.runtime.latency import LatencyProfile
+from apparate.ops import ramp_exit
+from apparate.control.latency import LatencyProfile
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -50,7 +50,7 @@ def measure(ee: EEModel, example_inputs, device, repeats: int = 5) -> Profile:
     backbone = ee.backbone
     inputs = tuple(t.to(device) for t in example_inputs)
     threshold = torch.tensor(2.0, device=device)
-    weights = [(r.weight.to(device), r.bias.to(device)) for r in ee.ramps]
+    heads = ee.ramp_heads(device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     segment_rows, ramp_rows = [], []
     for batch in BATCH_SIZES:
@@ -68,7 +68,7 @@ def measure(ee: EEModel, example_inputs, device, repeats: int = 5) -> Profile:
                 seg_times[i].append(now - start)
                 site = ee.sites[i]
                 mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
-                apparate.ramp_exit(state[0], *weights[i], threshold, pool=site.pool, mask=mask)
+                ramp_exit(state[0], heads[i], threshold, mask=mask)
                 sync()
                 start = time.perf_counter()
                 ramp_times[i].append(start - now)

@@ -5,12 +5,14 @@ unmodified model's.
     rt = apparate.Runtime(ee, accuracy_constraint=0.01, ramp_budget=0.02, mode="release")
     results = rt.infer(batch, on_release=lambda i, result: reply(i, result))
 
-The controller (threshold tuner + ramp adjuster, ``controller.Controller``) runs in a process of
-its own beside serving (``background=True``; see ``controller`` for why not a thread) on the
-feedback rows each batch leaves. It never touches the device tensors itself: it stages new
-configurations that the serving thread applies between batches, so a batch always runs with one
-consistent set. A script that builds a background runtime guards its entry point with
-``if __name__ == "__main__":``, as any user of ``multiprocessing``'s spawn does.
+The controller (threshold tuner + ramp adjuster, ``apparate.control.controller.Controller``)
+runs in a process of its own beside serving (``background=True``; see
+``apparate.control.process`` for why not a thread) on the feedback rows each batch leaves in the
+feedback window. It chooses every configuration, the first one included, and never touches the
+device tensors itself: the serving thread applies the configurations it stages between batches,
+so a batch always runs with one consistent set. A script that builds a background runtime guards
+its entry point with ``if __name__ == "__main__":``, as any user of ``multiprocessing``'s spawn
+does.
 """
 
 from __future__ import annotations
@@ -22,21 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from apparate.control.controller import ConfigChange, Controller, ControllerConfig
+from apparate.control.feedback import FeedbackWindow
+from apparate.control.process import ControllerProcess
 from apparate.models.ee_model import EEModel
 from apparate.runtime import profiler
-from apparate.runtime.controller import (
-    ConfigChange,
-    Controller,
-    ControllerConfig,
-    ControllerProcess,
-)
-from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward
-from apparate.runtime.latency import LatencyProfile
-from apparate.runtime.policy import SAFE_THRESHOLD
+from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward, Release
 
 log = logging.getLogger("apparate")
 
-__all__ = ["ConfigChange", "Result", "Runtime", "spread_over_latency"]
+__all__ = ["Result", "Runtime"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +45,6 @@ class Result:
     exit_site: str | None
     confidence: float
     released_at: float
-
-
-def spread_over_latency(latency: LatencyProfile, count: int) -> tuple[int, ...]:
-    """The sites nearest to 1/(count+1), 2/(count+1), ... of the model's latency (fewer when
-    two targets share a site)."""
-    shares = np.cumsum(latency.segment_ms[:-1]) / latency.vanilla_ms
-    targets = np.arange(1, count + 1) / (count + 1)
-    return tuple(sorted({int(np.abs(shares - t).argmin()) for t in targets}))
 
 
 class Runtime:
@@ -95,31 +84,37 @@ class Runtime:
             min_feedback = window // 2 if mode == "compact" else 128
         self.history: list[ConfigChange] = []
         self._staged: list[ConfigChange] = []
-        self._apply(ConfigChange(self._initial_active(ramp_budget), np.zeros(0), "start"))
         config = ControllerConfig(
-            latency=self.latency, num_sites=len(ee.sites), active=self._active,
+            latency=self.latency, num_sites=len(ee.sites),
             accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget, window=window,
             adjust_every=adjust_every, min_feedback=min_feedback, tuning_margin=tuning_margin)
+        # Written here after each batch, read by the controller; None once a background
+        # runtime is closed.
+        self._window: FeedbackWindow | None = FeedbackWindow(config.num_sites, config.window)
         # In the serving thread (background=False) or in its own process.
-        self.controller = None if background else Controller(config)
-        self._process = ControllerProcess(config) if background else None
+        self.controller = None if background else Controller(config, self._window)
+        self._process = ControllerProcess(config, self._window) if background else None
+        self._apply(self._process.first if background else self.controller.start())
 
     # -- serving thread -------------------------------------------------------------------
 
     def infer(self, batch, on_release: Callable[[int, Result], None] | None = None) -> list[Result]:
         """Answer one batch (a tensor or a tuple of tensors, batch first).
 
-        on_release(i, result) is called for each sample i as soon as its answer is known (its
-        confidence is reported in the returned list, which comes when the batch is done).
+        on_release(i, result) is called for each sample i as soon as its answer is known, with
+        the same ``Result`` the returned list holds for it.
         """
         inputs = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
         names = [s.name for s in self.ee.sites]
         callback = None
         if on_release is not None:
-            def callback(rows, predictions, site, when):
-                for row, prediction in zip(rows.tolist(), predictions.tolist()):
-                    on_release(row, Result(int(prediction), names[site] if site >= 0 else None,
-                                           float("nan"), when))
+            def callback(release: Release):
+                site = names[release.site] if release.site >= 0 else None
+                for row, prediction, confidence in zip(release.rows.tolist(),
+                                                       release.predictions.tolist(),
+                                                       release.confidences.tolist()):
+                    on_release(row, Result(int(prediction), site, float(confidence),
+                                           float(release.time)))
         outcome = self.forward_batch(inputs, callback)
         return [
             Result(int(p), names[s] if s >= 0 else None, float(c), float(t))
@@ -128,16 +123,15 @@ class Runtime:
         ]
 
     def forward_batch(self, inputs: tuple[torch.Tensor, ...], on_release=None) -> BatchOutcome:
-        """Answer one batch with batched release callbacks ``on_release(rows, predictions,
-        site, when)`` (see ``forward.ReleaseCallback``); the serving loop's entry point."""
+        """Answer one batch with batched release callbacks ``on_release(Release)`` (see
+        ``forward.ReleaseCallback``); the serving loop's entry point."""
         inputs = tuple(t.to(self.device) for t in inputs)
         self._apply_staged()
-        could_exit = self._could_exit
+        could_exit = bool(self.forward.active - self.forward.closed)
         outcome = self.forward(*inputs, on_release=on_release)
-        if self._process is not None:
-            self._process.record(*self._feedback_rows(outcome, could_exit))
-        elif (self.controller is not None  # None: a background runtime, closed
-              and self.controller.record(*self._feedback_rows(outcome, could_exit))):
+        if self._window is not None:
+            self._window.record(*self._feedback_rows(outcome, could_exit))
+        if self.controller is not None and self.controller.due():
             self.control_step()
         return outcome
 
@@ -169,33 +163,18 @@ class Runtime:
             self._apply(change)
 
     def _apply(self, change: ConfigChange) -> None:
-        """Write a configuration to the device tensors (serving thread, between batches)."""
-        thresholds = np.full(len(self.ee.sites), SAFE_THRESHOLD, dtype=np.float32)
-        if len(change.thresholds):
-            thresholds[list(change.active)] = change.thresholds
-        self.forward.set_active(change.active)
-        self.forward.set_thresholds(thresholds)
-        self._active = change.active
-        self._could_exit = bool(len(change.thresholds)
-                                and np.isfinite(np.asarray(change.thresholds)).any())
+        """Serve a configuration from the next batch on (serving thread, between batches)."""
+        self.forward.configure(change.active, change.thresholds)
         self.history.append(change)
 
-    def _initial_active(self, ramp_budget: float) -> tuple[int, ...]:
-        """Ramps spread evenly over the model's latency (the sites nearest to 1/3 and 2/3 of
-        it), as many as the budget allows, at most two: every ramp that exits is charged an
-        unseen wrong answer by the tuner, so a 1024-row window at a 1% constraint pays for few;
-        the adjuster adds more when they all pay off."""
-        for count in range(min(2, self.latency.num_sites), 0, -1):
-            chosen = spread_over_latency(self.latency, count)
-            if self.latency.ramp_overhead(chosen) <= ramp_budget:
-                return chosen
-        return ()
-
     def close(self) -> None:
-        """Stop the controller process (serving may go on with the last configuration)."""
+        """Stop the controller process and free the feedback window (serving may go on with
+        the last configuration)."""
         if self._process is not None:
             self._staged += self._process.close()
             self._process = None
+            self._window.close()
+            self._window = None
             self._apply_staged()
 
     def __enter__(self):

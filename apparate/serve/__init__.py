@@ -1,1 +1,1 @@
-"""Serving: the real-time batching loop, engines, and the end-to-end experiment."""
+"""Serving: the real-time batching loop and its engines (the unmodified model, the runtime)."""

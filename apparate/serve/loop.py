@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ReleaseCallback = Callable[[np.ndarray, np.ndarray, int, float], None]
+from apparate.runtime.forward import Release, ReleaseCallback
+
 Engine = Callable[[tuple[Tensor, ...], ReleaseCallback], None]
-"""engine(inputs, on_release): answers one batch; on_release(rows, predictions, site, when) for
-each group of rows whose answers are known (site -1 = final head, when = perf_counter)."""
+"""engine(inputs, on_release): answers one batch; on_release(Release) for each group of rows
+whose answers are known."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,11 @@ def serve(engine: Engine, stream: Sequence[Tensor], arrivals: np.ndarray,
         index = torch.from_numpy(ids)
         inputs = tuple(t.index_select(0, index) for t in stream)
 
-        def on_release(rows, predictions, site, when, ids=ids):
-            requests = ids[rows]
-            log.release[requests] = when - start
-            log.prediction[requests] = predictions
-            log.exit_site[requests] = site
+        def on_release(release: Release, ids=ids):
+            requests = ids[release.rows]
+            log.release[requests] = release.time - start
+            log.prediction[requests] = release.predictions
+            log.exit_site[requests] = release.site
 
         log.batch_start[ids] = time.perf_counter() - start
         engine(inputs, on_release)
@@ -143,7 +144,8 @@ class VanillaEngine:
         output = self.model(*inputs)
         logits = getattr(output, "logits", output)
         predictions = logits.argmax(1).cpu().numpy()
-        on_release(np.arange(len(predictions)), predictions, -1, time.perf_counter())
+        on_release(Release(np.arange(len(predictions)), predictions,
+                           np.full(len(predictions), np.nan), -1, time.perf_counter()))
 
 
 class RuntimeEngine:

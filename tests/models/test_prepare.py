@@ -6,27 +6,7 @@ import pytest
 import torch
 
 import apparate
-
-
-class Block(torch.nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm = torch.nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        return torch.relu(x + self.norm(self.conv(x)))
-
-
-class SmallResNet(torch.nn.Module):
-    def __init__(self, blocks: int = 5, channels: int = 8, classes: int = 4):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(1, channels, 3, padding=1)
-        self.blocks = torch.nn.Sequential(*(Block(channels) for _ in range(blocks)))
-        self.head = torch.nn.Linear(channels, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+from tests.helpers import SmallResNet, bert, cnn, separable
 
 
 class DataDependent(torch.nn.Module):
@@ -40,34 +20,8 @@ class DataDependent(torch.nn.Module):
         return -self.linear(x)
 
 
-def _cnn():
-    torch.manual_seed(0)
-    model = SmallResNet().eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics
-        for block in model.blocks:
-            block.norm.running_mean.uniform_(-0.5, 0.5)
-            block.norm.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def _bert(layers: int = 4):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=64, num_labels=3)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def trained_ramps():
-    """The trained CNN wrapped with ramps trained on its own answers (shared by runtime tests)."""
-    model = _trained_cnn()
-    ee = apparate.prepare(model, _separable(8))
-    ee.train_ramps(_separable(300), epochs=10, progress=False)
-    return model, ee
-
-
 def test_traced_cnn_sites_are_its_blocks():
-    model = _cnn()
+    model = cnn()
     ee = apparate.prepare(model, torch.randn(2, 1, 10, 10))
     assert [s.name for s in ee.sites] == [f"blocks.{i}" for i in range(5)]
     assert [s.depth for s in ee.sites] == list(range(5))
@@ -77,7 +31,7 @@ def test_traced_cnn_sites_are_its_blocks():
 
 
 def test_outputs_are_bit_identical_without_exits():
-    model = _cnn()
+    model = cnn()
     x = torch.randn(16, 1, 10, 10)
     ee = apparate.prepare(model, x[:2])
     with torch.no_grad():
@@ -85,7 +39,7 @@ def test_outputs_are_bit_identical_without_exits():
 
 
 def test_explicit_sites_and_bad_site():
-    model = _cnn()
+    model = cnn()
     x = torch.randn(2, 1, 10, 10)
     ee = apparate.prepare(model, x, sites=["blocks.3", "blocks.1"])
     assert [s.name for s in ee.sites] == ["blocks.1", "blocks.3"]
@@ -101,7 +55,7 @@ def test_untraceable_model_says_what_to_do():
 
 
 def test_hf_encoder_sites_and_identical_logits():
-    model = _bert()
+    model = bert()
     ids = torch.randint(1, 120, (6, 9))
     mask = torch.ones(6, 9, dtype=torch.long)
     mask[2, 5:] = 0
@@ -114,34 +68,9 @@ def test_hf_encoder_sites_and_identical_logits():
     assert [s.name for s in ee.sites] == ["bert.encoder.layer.2"]
 
 
-def _separable(n: int = 300, with_labels: bool = False):
-    """Inputs whose class is visible early: which quadrant is bright."""
-    generator = torch.Generator().manual_seed(n)
-    x = torch.randn(n, 1, 10, 10, generator=generator) * 0.3
-    label = torch.randint(0, 4, (n,), generator=generator)
-    for c in range(4):
-        rows = label == c
-        x[rows, :, (c // 2) * 5:(c // 2) * 5 + 5, (c % 2) * 5:(c % 2) * 5 + 5] += 2.0
-    return (x, label) if with_labels else x
-
-
-def _trained_cnn():
-    """A CNN whose own answers vary with the input (a random one answers one class)."""
-    model = _cnn().train()
-    x, label = _separable(400, with_labels=True)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(60):
-        rows = slice((step * 40) % 400, (step * 40) % 400 + 40)
-        loss = torch.nn.functional.cross_entropy(model(x[rows]), label[rows])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model.eval()
-
-
-def test_train_ramps_learns_the_models_answers_deterministically():
-    model = _trained_cnn()
-    x = _separable()
+def test_train_ramps_learns_the_models_answers_deterministically(trained_cnn):
+    model = trained_cnn
+    x = separable()
     ee = apparate.prepare(model, x[:2])
     first = ee.train_ramps(x, epochs=15, batch_size=32, seed=3, progress=False)
     weights = [r.weight.clone() for r in ee.ramps]
@@ -157,7 +86,7 @@ def test_train_ramps_learns_the_models_answers_deterministically():
 
 
 def test_train_ramps_on_hf_encoder():
-    model = _bert()
+    model = bert()
     ids = torch.randint(1, 120, (64, 7))
     ee = apparate.prepare(model, (ids[:2], torch.ones(2, 7, dtype=torch.long)))
     agreement = ee.train_ramps((ids, torch.ones_like(ids)), epochs=3, progress=False)
@@ -165,8 +94,8 @@ def test_train_ramps_on_hf_encoder():
 
 
 def test_save_load_round_trip_and_refusal(tmp_path):
-    model = _cnn()
-    x = _separable(64)
+    model = cnn()
+    x = separable(64)
     ee = apparate.prepare(model, x[:2])
     ee.train_ramps(x, epochs=2, progress=False)
     path = str(tmp_path / "ramps.safetensors")
@@ -186,10 +115,10 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     "call,error,words",
     [
         (lambda: apparate.prepare("resnet", torch.randn(1)), TypeError, ["torch.nn.Module", "str"]),
-        (lambda: apparate.prepare(_cnn(), torch.randn(2, 1, 10, 10), task="generation"),
+        (lambda: apparate.prepare(cnn(), torch.randn(2, 1, 10, 10), task="generation"),
          ValueError, ["task", "'generation'"]),
-        (lambda: apparate.prepare(_cnn(), [1, 2]), TypeError, ["inputs", "tuple of tensors"]),
-        (lambda: apparate.prepare(_cnn(), torch.randn(2, 1, 10, 10)).train_ramps(
+        (lambda: apparate.prepare(cnn(), [1, 2]), TypeError, ["inputs", "tuple of tensors"]),
+        (lambda: apparate.prepare(cnn(), torch.randn(2, 1, 10, 10)).train_ramps(
             torch.randn(4, 1, 10, 10), epochs=0), ValueError, ["epochs", "batch_size"]),
     ],
 )

@@ -7,7 +7,8 @@ import torch
 
 import apparate
 from apparate.ops.compact_rows import compact_rows_ref
-from tests.ops.backends import BACKENDS, implementation
+from apparate.ops import BACKENDS
+from tests.helpers import implementation
 
 MASKS = ("all", "none", "alternating", "first", "last", "random")
 
@@ -122,16 +123,13 @@ def test_opcheck(device):
     keep = torch.rand(8, device=device) > 0.5
     index = torch.empty(8, dtype=torch.int64, device=device)
     count = torch.empty(1, dtype=torch.int32, device=device)
-    ops = [torch.ops.apparate]
+    registered = [(torch.ops.apparate.compact_rows.default, torch.ops.apparate.compact_rows_.default)]
     if device == "cpu":
-        from apparate import _ext
-
-        assert _ext.load_cpu_extension() is None
-        ops.append(torch.ops.apparate_C)
-    for namespace in ops:
-        torch.library.opcheck(namespace.compact_rows.default,
-                              (x, keep, torch.empty_like(x), index, count))
-        torch.library.opcheck(namespace.compact_rows_.default, (x.clone(), keep, index, count))
+        registered.append((implementation("cpp", "compact_rows", device),
+                           implementation("cpp", "compact_rows_", device)))
+    for out_of_place, in_place in registered:
+        torch.library.opcheck(out_of_place, (x, keep, torch.empty_like(x), index, count))
+        torch.library.opcheck(in_place, (x.clone(), keep, index, count))
 
 
 def test_torch_compile_fullgraph(device):

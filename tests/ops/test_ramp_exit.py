@@ -10,7 +10,8 @@ import torch
 import apparate
 from apparate.ops.ramp_exit import ramp_exit_ref
 from apparate.testing import assert_confidence_close
-from tests.ops.backends import BACKENDS, implementation
+from apparate.ops import BACKENDS
+from tests.helpers import implementation, small_grid_under_interpreter
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METRICS = ("maxprob", "margin", "entropy")
@@ -86,6 +87,7 @@ def test_pools_metrics_dtypes(backend, device, dtype, pool, metric):
     [(1, 100, 2), (3, 37, 3), (17, 384, 3), (64, 129, 1000), (3, 72, 49152)],
 )
 def test_awkward_shapes(backend, device, batch, features, classes):
+    small_grid_under_interpreter(backend, classes)
     hidden = _hidden("cls", batch, features, torch.float32, device, tokens=3)
     weight, bias = _head(classes, features, torch.float32, device)
     check_against_reference(backend, device, hidden, weight, bias, pool="cls", metric="margin")
@@ -94,6 +96,7 @@ def test_awkward_shapes(backend, device, batch, features, classes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lm_head_with_rms_norm(backend, device, dtype):
+    small_grid_under_interpreter(backend, 49152)
     hidden = _hidden("none", 1, 48, dtype, device)
     weight, _ = _head(49152, 48, dtype, device)
     norm_weight = (torch.rand(48, device=device) + 0.5).to(dtype)
@@ -140,6 +143,7 @@ def test_dead_rows_never_exit(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("classes", [3, 5000])
 def test_nonfinite_rows_never_exit(backend, device, classes):
+    small_grid_under_interpreter(backend, classes)
     hidden = _hidden("none", 6, 16, torch.float32, device)
     hidden[1, 3] = float("nan")
     hidden[2, 0] = float("inf")
@@ -184,8 +188,8 @@ def test_confidences_lie_in_unit_interval(device):
     hidden = _hidden("none", 64, 32, torch.float32, device) * 10
     weight, bias = _head(50, 32, torch.float32, device)
     for metric in METRICS:
-        result = apparate.ramp_exit(hidden, weight, bias, torch.tensor(0.5, device=device),
-                                    pool="none", metric=metric)
+        head = apparate.RampHead(weight, bias, pool="none", metric=metric)
+        result = apparate.ramp_exit(hidden, head, torch.tensor(0.5, device=device))
         assert ((result.confidence >= 0) & (result.confidence <= 1)).all(), metric
 
 
@@ -199,7 +203,8 @@ def test_known_values():
         ("margin", 0.5),
         ("entropy", 1 - (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))) / math.log(3)),
     ]:
-        result = apparate.ramp_exit(logits, eye, None, threshold, pool="none", metric=metric)
+        result = apparate.ramp_exit(logits, apparate.RampHead(eye, None, "none", metric),
+                                    threshold)
         assert result.confidence.item() == pytest.approx(expected, abs=1e-6)
         assert result.prediction.item() == 1
         assert result.exit_mask.item() == (expected >= 0.7)
@@ -213,8 +218,8 @@ def test_public_function_matches_reference(device):
     alive = torch.rand(12, device=device) > 0.2
     logits = torch.empty(12, 4, device=device)
     threshold = torch.tensor(0.6, device=device)
-    got = apparate.ramp_exit(hidden, weight, bias, threshold, pool="mean", metric="margin",
-                             mask=mask, alive=alive, logits_out=logits)
+    head = apparate.RampHead(weight, bias, pool="mean", metric="margin")
+    got = apparate.ramp_exit(hidden, head, threshold, mask=mask, alive=alive, logits_out=logits)
     want = ramp_exit_ref(hidden, weight, bias, threshold, "mean", "margin", mask.bool(), alive,
                          None, None, 1e-6, None)
     assert isinstance(got, apparate.RampExit)
@@ -234,19 +239,17 @@ def test_opcheck(device):
     ]:
         torch.library.opcheck(torch.ops.apparate.ramp_exit.default, args)
         if device == "cpu":
-            from apparate import _ext
-
-            assert _ext.load_cpu_extension() is None
-            torch.library.opcheck(torch.ops.apparate_C.ramp_exit.default, args)
+            torch.library.opcheck(implementation("cpp", "ramp_exit", device), args)
 
 
 def test_torch_compile_fullgraph(device):
     hidden = _hidden("cls", 8, 16, torch.float32, device)
     weight, bias = _head(3, 16, torch.float32, device)
     threshold = torch.tensor(0.4, device=device)
+    head = apparate.RampHead(weight, bias, pool="cls", metric="margin")
 
     def ramp(h):
-        result = apparate.ramp_exit(h * 2, weight, bias, threshold, pool="cls", metric="margin")
+        result = apparate.ramp_exit(h * 2, head, threshold)
         return result.confidence + 1, result.prediction, result.exit_mask
 
     compiled = torch.compile(ramp, fullgraph=True)
@@ -267,8 +270,9 @@ class TestBadInput:
         kwargs = dict(hidden=self.hidden, weight=self.weight, bias=None, threshold=self.threshold,
                       pool="cls")
         kwargs.update(overrides)
-        return apparate.ramp_exit(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("bias"),
-                                  kwargs.pop("threshold"), **kwargs)
+        per_call = {k: kwargs.pop(k) for k in ("mask", "alive", "logits_out") if k in kwargs}
+        hidden, threshold = kwargs.pop("hidden"), kwargs.pop("threshold")
+        return apparate.ramp_exit(hidden, apparate.RampHead(**kwargs), threshold, **per_call)
 
     @pytest.mark.parametrize(
         "overrides,error,words",

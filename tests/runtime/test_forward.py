@@ -10,21 +10,17 @@ import apparate
 from apparate.runtime import forward as forward_module
 from apparate.runtime.forward import EarlyExitForward
 from apparate.testing import forbid_host_sync
-from tests.models.test_prepare import _bert, _separable, trained_ramps
+from tests.helpers import bert, stream_for
 
 
 @pytest.fixture(scope="module")
-def cnn():
-    model, ee = trained_ramps()
-    x = _separable(64)
-    with torch.no_grad():
-        vanilla = model(x).argmax(1).numpy()
-    return ee, x, vanilla
+def cnn(trained_ramps):
+    return stream_for(trained_ramps, 64)
 
 
 @pytest.fixture(scope="module")
-def bert():
-    model = _bert()
+def bert_ee():
+    model = bert()
     ids = torch.randint(1, 120, (40, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[::3, 4:] = 0
@@ -35,12 +31,13 @@ def bert():
     return ee, (ids, mask), vanilla
 
 
-def _set(forward, thresholds: dict[int, float]) -> None:
-    """Open the given sites at the given thresholds; close every other one."""
+def _set(forward, thresholds: dict[int, float], active=None) -> None:
+    """Serve ramps at ``active`` (default: those already active); open the given sites at the
+    given thresholds; close every other one."""
     values = np.full(len(forward.ee.sites), np.inf)
     for site, value in thresholds.items():
         values[site] = value
-    forward.set_thresholds(values)
+    forward.configure(forward.active if active is None else active, values)
 
 
 def _check_outcome(out, vanilla, mode):
@@ -59,7 +56,7 @@ def _check_outcome(out, vanilla, mode):
 def test_no_exit_means_the_unmodified_answers(cnn, mode):
     ee, x, vanilla = cnn
     forward = EarlyExitForward(ee, mode=mode)
-    forward.set_active([0, 2, 4])
+    _set(forward, {}, active=[0, 2, 4])
     out = forward(x)
     assert (out.exit_site == -1).all() and (out.prediction == vanilla).all()
     assert np.isnan(out.site_confidence[:, [1, 3]]).all()  # inactive ramps are not evaluated
@@ -67,18 +64,18 @@ def test_no_exit_means_the_unmodified_answers(cnn, mode):
 
 
 @pytest.mark.parametrize("mode", ["release", "compact"])
-@pytest.mark.parametrize("model", ["cnn", "bert"])
+@pytest.mark.parametrize("model", ["cnn", "bert_ee"])
 def test_two_ramp_forward_without_host_sync(request, mode, model):
     ee, inputs, vanilla = request.getfixturevalue(model)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     forward = EarlyExitForward(ee, mode=mode, feedback_fraction=0.25)
-    forward.set_active([0, 2])
+    _set(forward, {}, active=[0, 2])
     # Thresholds at the median confidence: about half the rows exit at the first ramp.
     probe = forward(*inputs).site_confidence
     _set(forward, {0: float(np.median(probe[:, 0])), 2: float(np.median(probe[:, 2]))})
     released = []
     with forbid_host_sync() as checker:
-        pending = forward.launch(*inputs, on_release=lambda rows, *_: released.append(rows))
+        pending = forward.launch(*inputs, on_release=lambda r: released.append(r.rows))
     assert sum("ramp_exit" in op for op in checker.seen) == 2
     if mode == "compact":
         assert any("compact_rows" in op for op in checker.seen)
@@ -93,7 +90,7 @@ def test_two_ramp_forward_without_host_sync(request, mode, model):
 def test_compact_mode_keeps_feedback_rows(cnn):
     ee, x, vanilla = cnn
     forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.5, seed=1)
-    forward.set_active([0])
+    _set(forward, {}, active=[0])
     _set(forward, {0: 0.0})  # every row exits at the first ramp
     out = forward(x)
     assert (out.exit_site == 0).all()
@@ -109,7 +106,7 @@ def test_compact_mode_skips_the_compaction_where_no_row_leaves(cnn, feedback_fra
     feedback: the exits are known at once on a CPU, so nothing is compacted."""
     ee, x, vanilla = cnn
     forward = EarlyExitForward(ee, mode="compact", feedback_fraction=feedback_fraction)
-    forward.set_active([0, 2])
+    _set(forward, {}, active=[0, 2])
     _set(forward, {0: threshold, 2: threshold})
     with forbid_host_sync() as checker:
         pending = forward.launch(x)
@@ -123,7 +120,7 @@ def test_compact_mode_skips_the_compaction_where_no_row_leaves(cnn, feedback_fra
 def test_threshold_changes_take_effect_between_batches(cnn):
     ee, x, _ = cnn
     forward = EarlyExitForward(ee)
-    forward.set_active([1])
+    _set(forward, {}, active=[1])
     _set(forward, {1: 0.0})
     assert (forward(x).exit_site == 1).all()
     _set(forward, {1: 2.0})
@@ -136,12 +133,12 @@ def test_threshold_changes_take_effect_between_batches(cnn):
 def test_a_closed_ramp_is_evaluated_but_releases_and_compacts_nothing(cnn, mode):
     ee, x, vanilla = cnn
     forward = EarlyExitForward(ee, mode=mode, feedback_fraction=0.25)
-    forward.set_active([0, 2])
+    _set(forward, {}, active=[0, 2])
     probe = forward(x).site_confidence
     _set(forward, {2: float(np.median(probe[:, 2]))})  # site 0 closed, site 2 open
     released = []
     with forbid_host_sync() as checker:
-        pending = forward.launch(x, on_release=lambda rows, _, site, __: released.append(site))
+        pending = forward.launch(x, on_release=lambda r: released.append(r.site))
     out = pending.wait()
     _check_outcome(out, vanilla, mode)
     assert sum("ramp_exit" in op for op in checker.seen) == 2
@@ -157,22 +154,23 @@ def test_bad_configuration(cnn):
         EarlyExitForward(ee, mode="skip")
     with pytest.raises(ValueError, match="feedback_fraction"):
         EarlyExitForward(ee, feedback_fraction=1.5)
+    closed = np.full(len(ee.sites), np.inf)
     with pytest.raises(ValueError, match="active sites"):
-        EarlyExitForward(ee).set_active([7])
+        EarlyExitForward(ee).configure([7], closed)
     with pytest.raises(ValueError, match="thresholds"):
-        EarlyExitForward(ee).set_thresholds([0.5])
+        EarlyExitForward(ee).configure([0], [0.5])
     with pytest.raises(ValueError, match="thresholds"):
-        EarlyExitForward(ee).set_thresholds([np.nan] * len(ee.sites))
+        EarlyExitForward(ee).configure([0], [np.nan] * len(ee.sites))
 
 
-@pytest.mark.parametrize("model", ["cnn", "bert"])
+@pytest.mark.parametrize("model", ["cnn", "bert_ee"])
 def test_compact_mode_on_a_stale_view(request, monkeypatch, model):
     """On a GPU the live count may arrive late: later segments then run on the larger view with
     the dead rows masked. Simulate a count that never arrives during the forward."""
     ee, inputs, vanilla = request.getfixturevalue(model)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     forward = EarlyExitForward(ee, mode="compact", feedback_fraction=0.25, seed=3)
-    forward.set_active([0, 2])
+    _set(forward, {}, active=[0, 2])
     probe = forward(*inputs).site_confidence
     _set(forward, {0: float(np.median(probe[:, 0])), 2: float(np.median(probe[:, 2]))})
     prompt = forward(*inputs)

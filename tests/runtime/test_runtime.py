@@ -12,19 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import apparate
-from tests.models.test_prepare import _separable, trained_ramps
+from apparate.control.initial import first_active
+from tests.control.synthetic import per_site
+from tests.helpers import stream_for
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model, ee = trained_ramps()
-    stream = _separable(1200)
-    with torch.no_grad():
-        vanilla = model(stream).argmax(1).numpy()
-    return ee, stream, vanilla
+def setup(trained_ramps):
+    return stream_for(trained_ramps, 1200)
 
 
 @pytest.mark.parametrize("mode", ["release", "compact"])
@@ -46,6 +43,12 @@ def test_adapts_within_the_constraint(setup, tmp_path, mode, background):
     assert exited.mean() > 0.2, "the tuner should let confident samples exit"
     assert sorted(released) == list(range(len(stream))), "every sample released exactly once"
     assert all(released[i].prediction == answers[i].prediction for i in released)
+    # on_release gets the very Result the returned list holds (a ramp's confidence included).
+    same = lambda a, b: (a.prediction, a.exit_site, a.released_at) == (  # noqa: E731
+        b.prediction, b.exit_site, b.released_at) and np.array_equal(
+        a.confidence, b.confidence, equal_nan=True)
+    assert all(same(released[i], answers[i]) for i in released)
+    assert any(np.isfinite(released[i].confidence) for i in released)
     assert any(change.reason != "start" for change in rt.history)
     assert all(r.exit_site in (None, *[s.name for s in ee.sites]) for r in answers)
 
@@ -83,21 +86,23 @@ def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path
                           tuning_margin=0.5)
     controller = rt.controller
     sites = len(ee.sites)
-    controller.active, controller.thresholds = (0, 2), np.array([0.5, 0.5])
+    controller.active, controller.thresholds = (0, 2), per_site(sites, (0, 2), [0.5, 0.5])
 
     def record(rows, site0_agrees):
         confidence = np.full((rows, sites), np.nan)
         confidence[:, 0] = 0.95 if site0_agrees else 0.9  # ramp 0 lets every row exit...
         confidence[:, 2] = 0.1  # ...ramp 2 none
+        # Ramp 2 is always wrong, so the tuner never opens it: were it right, whether opening
+        # it beat reopening ramp 0 would turn on the measured latencies.
         agree = np.zeros((rows, sites), dtype=bool)
         agree[:, 0] = site0_agrees
-        agree[:, 2] = True
-        controller.record(confidence, agree)
+        controller.window.record(confidence, agree)
 
     record(128, site0_agrees=False)  # every exit at ramp 0 is wrong
     rt.control_step()
     assert "re-tuned" in rt._staged[-1].reason
-    controller.thresholds = np.array([0.5, 0.5])  # as if the bad thresholds were still in force
+    # As if the bad thresholds were still in force.
+    controller.thresholds = per_site(sites, (0, 2), [0.5, 0.5])
     rt.control_step()
     zeroed = rt._staged[-1]
     assert zeroed.reason.startswith("repeated violations")
@@ -118,10 +123,10 @@ def test_background_controller_runs_in_its_own_process(setup, tmp_path):
                           profile_cache=tmp_path, min_feedback=32)
     process = rt._process.process
     assert process.is_alive() and process.pid != os.getpid()
-    ring = rt._process.ring.name
+    window = rt._window.name
     for start in range(0, len(stream), 16):
         rt.infer(stream[start:start + 16])
-    deadline = time.monotonic() + 60  # the process imports apparate first (seconds)
+    deadline = time.monotonic() + 60  # the process tunes beside serving, in its own time
     while not any(c.reason == "tuned" for c in rt.history) and time.monotonic() < deadline:
         time.sleep(0.05)
         rt.infer(stream[:16])
@@ -129,7 +134,7 @@ def test_background_controller_runs_in_its_own_process(setup, tmp_path):
     rt.close()
     assert not process.is_alive()
     with pytest.raises(FileNotFoundError):
-        shared_memory.SharedMemory(name=ring)  # the ring is freed
+        shared_memory.SharedMemory(name=window)  # the feedback window is freed
     rt.infer(stream[:16])  # serving goes on with the last configuration
 
 
@@ -153,10 +158,10 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
         from pathlib import Path
 
         import apparate
-        from tests.models.test_prepare import _cnn, _separable
+        from tests.helpers import cnn, separable
 
-        ee = apparate.prepare(_cnn(), _separable(4))
-        apparate.Runtime(ee, example_inputs=(_separable(4),),
+        ee = apparate.prepare(cnn(), separable(4))
+        apparate.Runtime(ee, example_inputs=(separable(4),),
                          profile_cache=Path({str(tmp_path)!r}))
     """))
     root = Path(__file__).resolve().parents[2]
@@ -167,17 +172,11 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     assert 'if __name__ == "__main__":' in done.stderr
 
 
-def test_initial_ramps_split_the_latency_in_thirds(setup, tmp_path):
+def test_the_runtime_serves_the_controllers_first_configuration(setup, tmp_path):
     ee, stream, _ = setup
     rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
                           profile_cache=tmp_path, background=False)
     assert len(ee.sites) == 5
-    # Sites at 1, 2, 3, 9, 10 ms of 12: 4 ms (1/3) is nearest site 2, 8 ms (2/3) nearest site 3,
-    # where splitting the site count would give sites 1 and 2.
-    profile = apparate.runtime.latency.LatencyProfile
-    rt.latency = profile((1.0, 1.0, 1.0, 6.0, 1.0, 2.0), (0.0,) * 5)
-    assert rt._initial_active(0.5) == (2, 3)
-    # One ramp when the budget pays for one only; none when it pays for none.
-    rt.latency = profile((1.0, 1.0, 1.0, 6.0, 1.0, 2.0), (0.12,) * 5)
-    assert rt._initial_active(0.015) == (2,)
-    assert rt._initial_active(0.005) == ()
+    start = rt.history[0]
+    assert start.reason == "start" and start.active == first_active(rt.latency, 0.5)
+    assert rt.forward.active == set(start.active) <= rt.forward.closed  # nothing exits yet

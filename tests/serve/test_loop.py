@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import apparate
+from apparate.runtime.forward import Release
 from apparate.serve.loop import (BatchingConfig, RuntimeEngine, VanillaEngine,
                                  fixed_rate_arrivals, poisson_arrivals, serve)
-from tests.models.test_prepare import _separable, _trained_cnn
+from tests.helpers import separable
 
 
 class Recorder:
@@ -25,7 +26,8 @@ class Recorder:
         self.batches.append(inputs[0].clone())
         time.sleep(self.compute_s)
         values = inputs[0].numpy()
-        on_release(np.arange(len(values)), values, -1, time.perf_counter())
+        on_release(Release(np.arange(len(values)), values, np.full(len(values), np.nan), -1,
+                           time.perf_counter()))
 
 
 def test_arrivals():
@@ -65,7 +67,8 @@ def test_latency_counts_queueing_and_compute():
 
 def test_engine_must_release_everything():
     def forgetful(inputs, on_release):
-        on_release(np.arange(1), inputs[0][:1].numpy(), -1, time.perf_counter())
+        on_release(Release(np.arange(1), inputs[0][:1].numpy(), np.full(1, np.nan), -1,
+                           time.perf_counter()))
 
     with pytest.raises(RuntimeError, match="did not release"):
         serve(forgetful, (torch.arange(3),), np.zeros(3))
@@ -78,16 +81,16 @@ def test_bad_arguments():
         BatchingConfig(max_batch=0)
 
 
-def test_vanilla_and_runtime_engines_answer_like_the_model(tmp_path):
-    model = _trained_cnn()
-    stream = _separable(400)
+def test_vanilla_and_runtime_engines_answer_like_the_model(tmp_path, trained_cnn):
+    model = trained_cnn
+    stream = separable(400)
     with torch.no_grad():
         vanilla = model(stream).argmax(1).numpy()
     arrivals = poisson_arrivals(400, 2000.0)
     log = serve(VanillaEngine(model), (stream,), arrivals, BatchingConfig(8, 2.0))
     assert (log.prediction == vanilla).all()
     ee = apparate.prepare(model, stream[:4])
-    ee.train_ramps(_separable(300), epochs=5, progress=False)
+    ee.train_ramps(separable(300), epochs=5, progress=False)
     # A 5% constraint: 400 requests are too few to open a ramp at 1% (the tuner charges each
     # exiting ramp an unseen wrong answer).
     with apparate.Runtime(ee, accuracy_constraint=0.05, ramp_budget=0.5,

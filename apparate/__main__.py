@@ -1,0 +1,5 @@
+"""``python -m apparate``: the ``apparate`` command."""
+
+from apparate.cli import main
+
+raise SystemExit(main())
