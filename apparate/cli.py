@@ -1,8 +1,12 @@
-"""The ``apparate`` command (also ``python -m apparate``): the demo and the e2e benchmark."""
+"""The ``apparate`` command (also ``python -m apparate``): a model's ramp sites, the demo and
+the e2e benchmark."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 from apparate._version import __version__
@@ -15,12 +19,20 @@ MODES = ("release", "compact")
 DESCRIPTION = "apparate: early exits for ML models, managed while the model serves traffic."
 
 EPILOG = """examples:
+  apparate sites torchvision.models:resnet18 --input-shape 3,224,224
   apparate demo --workload cv-fashion --mode compact
   apparate bench e2e --workload cv-fashion --mode release --out results/cv-fashion-release
 
 The first run of a workload fetches its model and data and may train its model (minutes); later
-runs reuse the cache (~/.cache/apparate, or $APPARATE_CACHE). Both commands need the demo extra:
+runs reuse the cache (~/.cache/apparate, or $APPARATE_CACHE). demo and bench need the demo extra:
 pip install "apparate[demo]"."""
+
+SITES_DESCRIPTION = """Prints the candidate ramp sites apparate finds in a model of yours (name,
+depth, per-sample shape of the hidden state, share of the model's latency before the site, the
+pooling a ramp there uses), or says why there are none. FACTORY is called with no arguments and
+returns the model, or a (model, example inputs) pair; MODULE is an importable module or a .py
+file. Without an example, --input-shape gives each input's per-sample shape (repeat it for a
+model with several inputs; NAME=SHAPE passes the inputs by keyword, :DTYPE sets a dtype)."""
 
 DEMO_DESCRIPTION = """Runs one workload end to end: fetches its model and data, prepares it, trains
 its ramps (or loads them from the cache), serves the same requests and arrivals through the
@@ -47,6 +59,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"apparate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sites = commands.add_parser("sites", help="list the ramp sites apparate finds in a model",
+                                description=SITES_DESCRIPTION)
+    sites.add_argument("factory", metavar="MODULE:FACTORY")
+    sites.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]SHAPE[:DTYPE]",
+                       help="e.g. 3,224,224 or input_ids=128:int64 (integer inputs are ones)")
+    sites.add_argument("--batch", type=int, default=4, help="example batch size (default: %(default)s)")
 
     demo = commands.add_parser("demo", help="run one workload end to end and compare",
                                description=DEMO_DESCRIPTION)
@@ -125,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command with ``argv`` (default: the process's arguments); returns its exit status."""
     parser, e2e = _parser()
     args = parser.parse_args(argv)
+    if args.command == "sites":
+        return _sites(args, parser)
     if args.command == "demo":
         config = ExperimentConfig(workload=args.workload, mode=args.mode)
         out = args.out / args.workload
@@ -137,4 +158,72 @@ def main(argv: list[str] | None = None) -> int:
     print(table(run(config, out)))
     if args.command == "demo":
         print(f"plots, requests.csv and summary.json: {out}")
+    return 0
+
+
+def _factory(spec: str):
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected MODULE:FACTORY (e.g. my_models:build); got {spec!r}")
+    if module_name.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if loader is None:
+            raise ValueError(f"{module_name} is not a Python file")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(module_name)
+    return getattr(module, attribute)
+
+
+def _example(shapes: list[str], batch: int):
+    import torch
+
+    named, tensors = {}, []
+    for text in shapes:
+        name, _, rest = text.rpartition("=")
+        shape, _, dtype_name = rest.partition(":")
+        dtype = getattr(torch, dtype_name or "float32", None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"--input-shape {text!r}: {dtype_name!r} is not a torch dtype")
+        try:
+            dims = [int(d) for d in shape.split(",") if d.strip()]
+        except ValueError:
+            raise ValueError(f"--input-shape {text!r}: expected sizes like 3,224,224") from None
+        tensor = (torch.ones((batch, *dims), dtype=dtype) if not dtype.is_floating_point
+                  else torch.randn((batch, *dims), generator=torch.Generator().manual_seed(0)).to(dtype))
+        if name:
+            named[name] = tensor
+        else:
+            tensors.append(tensor)
+    if named and tensors:
+        raise ValueError("--input-shape: name every input (NAME=SHAPE) or none")
+    return named or (tensors[0] if len(tensors) == 1 else tuple(tensors))
+
+
+def _sites(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from apparate.models.ee_model import prepare
+
+    try:
+        made = _factory(args.factory)()
+        model, example = made if isinstance(made, tuple) else (made, None)
+        if example is None:
+            if not args.input_shape:
+                raise ValueError(f"{args.factory} returns a model without example inputs: give "
+                                 "--input-shape (e.g. --input-shape 3,224,224)")
+            example = _example(args.input_shape, args.batch)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{args.factory} returned {type(model).__name__}, not a torch.nn.Module")
+        ee = prepare(model, example)
+    except (ValueError, TypeError, ImportError, AttributeError) as error:
+        parser.exit(1, f"apparate sites: {error}\n")
+    width = max(len("site"), *(len(s.name) for s in ee.sites))
+    print(f"{type(model).__name__}: {len(ee.sites)} candidate ramp sites")
+    print(f"{'site':<{width}}  depth  {'shape':<16} latency before  pool")
+    for site in ee.sites:
+        print(f"{site.name:<{width}}  {site.depth:>5}  {str(site.shape):<16} "
+              f"{site.latency_share:>13.1%}  {site.pool}")
     return 0

@@ -1,4 +1,4 @@
-"""The README's quick start runs as written."""
+"""The README's quick start runs as written, and so does its ``apparate sites`` line."""
 
 from __future__ import annotations
 
@@ -23,3 +23,10 @@ def test_quick_start_runs_as_written(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "512 answers released" in done.stdout, done.stdout
+    command = re.search(r"```bash\n(apparate sites .*?)\n```", section).group(1).split()
+    sites = subprocess.run([str(pathlib.Path(sys.executable).with_name("apparate")), *command[1:]],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert sites.returncode == 0, sites.stderr[-3000:]
+    # The last block's share of the latency decides whether it is a candidate: not checked.
+    assert re.search(r"Net: [56] candidate ramp sites", sites.stdout), sites.stdout
+    assert all(f"blocks.{i} " in sites.stdout for i in range(5)), sites.stdout

@@ -1,4 +1,4 @@
-"""Ramp sites and ramps: torch.fx cut vertices, adapters (HF BERT family), training."""
+"""Ramp sites and ramps: cut vertices of the exported graph, adapters (HF BERT family), training."""
 
 from apparate.models.ee_model import EEModel, load, prepare
 from apparate.models.segments import SegmentedBackbone, Site

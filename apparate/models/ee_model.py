@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apparate.models.fx_sites import UntraceableModelError, fx_backbone
+from apparate._progress import progress_bar
+from apparate.models.graph_sites import UncapturableModelError, graph_backbone
 from apparate.models.hf_bert import base_encoder, bert_backbone
+from apparate.models.inputs import InputSpec
 from apparate.models.segments import SegmentedBackbone, Site, pool_for
 from apparate.ops.ramp_exit import RampHead, pool_ref
 
@@ -37,28 +38,40 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _as_tuple(inputs) -> tuple[Tensor, ...]:
-    if isinstance(inputs, Tensor):
-        return (inputs,)
-    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
-        return tuple(inputs)
-    raise TypeError(
-        "inputs must be a tensor or a tuple of tensors sharing their first (batch) dimension; "
-        f"got {type(inputs).__name__}"
-    )
+# A ramp whose site leaves less than this share of the model's latency after it can save
+# less than it costs (its own latency, paid by every sample that does not exit).
+MIN_REMAINING_SHARE = 0.05
 
 
-def _build_backbone(model, example_inputs, sites) -> SegmentedBackbone:
+def _build_backbone(model, spec: InputSpec, example, sites) -> tuple[SegmentedBackbone, InputSpec]:
     if base_encoder(model) is not None:
-        return bert_backbone(model, sites)
+        adapted = _proven(bert_backbone(model, sites), model, spec, example)
+        if adapted is not None:  # sequence length free: the adapter runs any T
+            return adapted, spec.with_free_dims({n: (0,) for n in spec.names})
     try:
-        return fx_backbone(model, example_inputs, sites)
-    except UntraceableModelError as exc:
+        return graph_backbone(model, spec, example, sites), spec
+    except UncapturableModelError as exc:
         raise ValueError(
-            f"{exc}. apparate finds ramp sites in models that trace with torch.fx and in Hugging "
-            "Face BERT-family classifiers; for another model, make its forward traceable (no "
-            "data-dependent Python control flow) or pass sites=[...] of a traceable wrapper"
+            f"{exc}. apparate finds ramp sites in models that export with torch.export (or trace "
+            "with torch.fx) and in Hugging Face BERT-family classifiers; for another model, make "
+            "its forward export-friendly (no data-dependent Python control flow, e.g. on "
+            "x.sum() or .item()) or wrap the part that is in a module of its own and pass that"
         ) from None
+
+
+def _proven(backbone: SegmentedBackbone, model, spec: InputSpec, example) -> SegmentedBackbone | None:
+    """``backbone`` if it gives the model's own logits on the example, bit for bit; None where
+    the model only looks like the family the adapter was written for (DeBERTa's embeddings
+    return more than BERT's), so that its exported graph is used instead."""
+    args, kwargs = spec.call_args(example)
+    try:
+        with torch.no_grad():
+            expected = model(*args, **kwargs)
+            got = backbone.run(*example)
+    except Exception:  # noqa: BLE001 - any failure means: not this family
+        return None
+    expected = getattr(expected, "logits", expected)
+    return backbone if isinstance(got, Tensor) and torch.equal(got, expected) else None
 
 
 class EEModel(torch.nn.Module):
@@ -68,9 +81,10 @@ class EEModel(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, backbone: SegmentedBackbone, sites: list[Site],
-                 num_classes: int, model_fingerprint: str | None = None):
+                 num_classes: int, input_spec: InputSpec, model_fingerprint: str | None = None):
         super().__init__()
         self.model = model
+        self.input_spec = input_spec
         self.backbone = backbone
         self.sites = sites
         self.num_classes = num_classes
@@ -79,9 +93,13 @@ class EEModel(torch.nn.Module):
         self.ramps.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, *inputs) -> Tensor:
-        """The unmodified model's logits, run segment by segment (bit-identical to the model)."""
-        return self.backbone.run(*inputs)
+    def forward(self, *inputs):
+        """The unmodified model's output, run segment by segment (bit-identical to the model).
+
+        inputs: as the model takes them (``ee(x)``, ``ee(ids, mask)``, ``ee(encoding)``).
+        """
+        batch = inputs[0] if len(inputs) == 1 and self.input_spec.kind != "tuple" else inputs
+        return self.backbone.run(*self.input_spec.check(batch))
 
     def ramp_heads(self, device: torch.device | str) -> list[RampHead]:
         """Each site's ramp as a ``RampHead`` on ``device`` (a copy of the current weights)."""
@@ -99,11 +117,11 @@ class EEModel(torch.nn.Module):
 
         Returns ([ (N, H_i) float32 per site ], predictions (N,) int64).
         """
-        inputs = _as_tuple(inputs)
+        inputs = self.input_spec.check(inputs)
         total = inputs[0].shape[0]
         features = [[] for _ in self.sites]
         predictions = []
-        bar = _progress(total, "backbone", progress)
+        bar = progress_bar(total, "backbone", progress)
         for start in range(0, total, batch_size):
             batch = tuple(t[start:start + batch_size] for t in inputs)
             states, logits = self.backbone.states(*batch)
@@ -137,7 +155,7 @@ class EEModel(torch.nn.Module):
         normed = [(f - m) / s for f, (m, s) in zip(features, stats)]
         optimiser = torch.optim.Adam(self.ramps.parameters(), lr=lr)
         total = targets.shape[0]
-        bar = _progress(epochs, "ramps (epochs)", progress)
+        bar = progress_bar(epochs, "ramps (epochs)", progress)
         with torch.enable_grad():
             for _ in range(epochs):
                 order = torch.randperm(total, generator=generator)
@@ -169,39 +187,9 @@ class EEModel(torch.nn.Module):
             "fingerprint": self.fingerprint,
             "num_classes": str(self.num_classes),
             "sites": json.dumps([asdict(s) for s in self.sites]),
+            "inputs": json.dumps(self.input_spec.to_json()),
         }
         save_file(tensors, path, metadata=metadata)
-
-
-def _progress(total: int, what: str, enabled: bool):
-    """A progress bar on stderr with update(n) and close(): tqdm's where it is installed (it
-    comes with the demo extra), else a plain counter, so training shows progress either way."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _PlainProgress(total, f"apparate: {what}", enabled)
-    return tqdm(total=total, desc=f"apparate: {what}", disable=not enabled, file=sys.stderr,
-                leave=False)
-
-
-class _PlainProgress:
-    """One stderr line, rewritten in place whenever the whole percentage done changes."""
-
-    def __init__(self, total: int, description: str, enabled: bool) -> None:
-        self.total, self.description, self.enabled = max(total, 1), description, enabled
-        self.done, self.shown = 0, -1
-
-    def update(self, count: int = 1) -> None:
-        self.done += count
-        percent = 100 * self.done // self.total
-        if self.enabled and percent != self.shown:
-            self.shown = percent
-            print(f"\r{self.description}: {self.done}/{self.total} ({percent}%)", end="",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.shown >= 0:
-            print(file=sys.stderr, flush=True)
 
 
 def _profile_sites(backbone: SegmentedBackbone, example_inputs, repeats: int = 3) -> list[float]:
@@ -230,32 +218,57 @@ def prepare(model: torch.nn.Module, example_inputs, *, task: str = "classificati
             sites: Sequence[str] | None = None) -> EEModel:
     """Find ``model``'s candidate ramp sites and attach an (untrained) ramp at each.
 
-    example_inputs: a tensor or a tuple of tensors the model is called with (batch first).
-    sites: module names to use instead of the automatic choice (each must be a cut point).
+    example_inputs: how the model is called, batch first: a tensor, a tuple/list of tensors or a
+    dict of tensors (a tokenizer's ``BatchEncoding``). Sites are found in the model's exported
+    graph; those that leave less than ``MIN_REMAINING_SHARE`` of the latency after them are not
+    candidates. sites: module names to use instead of the automatic choice (each a cut point).
     """
     if task != "classification":
         raise ValueError(f"task must be 'classification'; got {task!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    example_inputs = _as_tuple(example_inputs)
+    spec = InputSpec.of(example_inputs)
+    example = spec.flatten(example_inputs)
     model.eval()
-    backbone = _build_backbone(model, example_inputs, sites)
+    backbone, spec = _build_backbone(model, spec, example, sites)
+    found = _sites(backbone, example)
+    if sites is None:
+        backbone, found = _paying(model, backbone, spec, example, found)
+    return EEModel(model, backbone, found, _num_classes(backbone, example), spec)
+
+
+def _sites(backbone: SegmentedBackbone, example) -> list[Site]:
     with torch.no_grad():
-        states, logits = backbone.states(*example_inputs)
+        states, _ = backbone.states(*example)
+    shares = _profile_sites(backbone, example)
+    return [Site(name, depth, tuple(state[0].shape[1:]), share,
+                 pool_for(state[0].shape, backbone.token_pool))
+            for depth, (name, state, share) in enumerate(zip(backbone.site_names, states, shares))]
+
+
+def _paying(model, backbone, spec, example, found: list[Site]):
+    """The backbone cut only at the sites that leave enough latency after them to pay off."""
+    kept = [s for s in found if 1 - s.latency_share >= MIN_REMAINING_SHARE]
+    if len(kept) == len(found) or not kept:
+        return backbone, found
+    backbone, _ = _build_backbone(model, spec, example, [s.name for s in kept])
+    return backbone, [Site(s.name, depth, s.shape, s.latency_share, s.pool)
+                      for depth, s in enumerate(kept)]
+
+
+def _num_classes(backbone: SegmentedBackbone, example) -> int:
+    with torch.no_grad():
+        logits = backbone.run_logits(*example)
     if logits.dim() != 2:
         raise ValueError(f"the model must return (B, K) logits for classification; got {tuple(logits.shape)}")
-    shares = _profile_sites(backbone, example_inputs)
-    found = [
-        Site(name, depth, tuple(state[0].shape[1:]), share, pool_for(state[0].shape))
-        for depth, (name, state, share) in enumerate(zip(backbone.site_names, states, shares))
-    ]
-    return EEModel(model, backbone, found, logits.shape[1])
+    return logits.shape[1]
 
 
 def load(path: str, model: torch.nn.Module, example_inputs=None) -> EEModel:
     """Rebuild an ``EEModel`` saved by ``EEModel.save`` on top of ``model``.
 
     Refused with ``ValueError`` when ``model`` is not the backbone the ramps were trained on.
+    example_inputs: how the model is called (default: zeros shaped like the saved example).
     """
     from safetensors import safe_open
 
@@ -273,8 +286,15 @@ def load(path: str, model: torch.nn.Module, example_inputs=None) -> EEModel:
         )
     sites = [Site(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(metadata["sites"])]
     model.eval()
-    inputs = _as_tuple(example_inputs) if example_inputs is not None else None
-    backbone = _build_backbone(model, inputs, [s.name for s in sites])
-    ee = EEModel(model, backbone, sites, int(metadata["num_classes"]), actual)
+    if example_inputs is not None:
+        spec = InputSpec.of(example_inputs)
+        example = spec.flatten(example_inputs)
+    elif "inputs" in metadata:
+        spec = InputSpec.from_json(json.loads(metadata["inputs"]))
+        example = spec.example()
+    else:
+        raise ValueError(f"{path} was saved without its input shapes; pass example_inputs")
+    backbone, spec = _build_backbone(model, spec, example, [s.name for s in sites])
+    ee = EEModel(model, backbone, sites, int(metadata["num_classes"]), spec, actual)
     ee.ramps.load_state_dict({k.removeprefix("ramps."): v for k, v in tensors.items()})
     return ee

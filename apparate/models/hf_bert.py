@@ -23,9 +23,14 @@ def create_bidirectional_mask(**kwargs):
 def base_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
     """The BERT-style base model (embeddings + encoder.layer) inside ``model``, or None."""
     base = getattr(model, "base_model", model)
-    if hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer"):
-        return base
-    return None
+    encoder = getattr(base, "encoder", None)
+    # An encoder holding more than its layer stack (MPNet's relative attention bias, ...)
+    # computes something this adapter does not: such models go through the exported graph.
+    if encoder is None or [name for name, _ in encoder.named_children()] != ["layer"]:
+        return None
+    if {name for name, _ in base.named_children()} - {"pooler"} != {"embeddings", "encoder"}:
+        return None  # something between the embeddings and the encoder (ELECTRA's projection)
+    return base
 
 
 def bert_backbone(model: torch.nn.Module, sites: Sequence[str] | None) -> SegmentedBackbone:

@@ -43,6 +43,10 @@ class SegmentedBackbone:
     """``enter(*inputs) -> State``; ``segments[i](State) -> State`` runs from site i-1 (or the
     input) to site i; ``finish(State) -> logits (B, K)`` runs from the last site to the output.
     ``mask_of(State)`` gives the (B, T) token mask a ramp pools with, or None.
+    ``output(State)`` gives the model's own output (the logits, or the tuple/dict holding them)
+    from the last site's state; ``batched[i]`` says, per tensor of site i's state, whether it
+    has one row per sample (compacted with the batch) or is shared by all rows (kept as is).
+    ``token_pool`` is how the model's own head pools (B, T, H) states ("cls", "mean"), where known.
     """
 
     site_names: list[str]
@@ -50,8 +54,23 @@ class SegmentedBackbone:
     segments: list[Callable[[State], State]]
     finish: Callable[[State], Tensor]
     mask_of: Callable[[State], Tensor | None] = lambda state: None
+    output: Callable[[State], object] | None = None
+    batched: list[tuple[bool, ...]] | None = None
+    token_pool: str | None = None
 
-    def run(self, *inputs) -> Tensor:
+    def rows_of(self, site: int, state: State) -> tuple[bool, ...]:
+        """Per tensor of the state at ``site``: whether it has one row per sample."""
+        return (True,) * len(state) if self.batched is None else self.batched[site]
+
+    def run(self, *inputs):
+        """The model's own output, segment by segment."""
+        state = self.enter(*inputs)
+        for segment in self.segments:
+            state = segment(state)
+        return (self.output or self.finish)(state)
+
+    def run_logits(self, *inputs) -> Tensor:
+        """The (B, K) classification logits, segment by segment."""
         state = self.enter(*inputs)
         for segment in self.segments:
             state = segment(state)
@@ -67,6 +86,7 @@ class SegmentedBackbone:
         return states, self.finish(state)
 
 
-def pool_for(shape: Sequence[int]) -> str:
-    """Default ramp pooling for a batched hidden state of ``shape``."""
-    return {4: "avg", 3: "cls", 2: "none"}[len(shape)]
+def pool_for(shape: Sequence[int], token_pool: str | None = None) -> str:
+    """Ramp pooling for a batched hidden state of ``shape``: as the model's head pools tokens
+    (``token_pool``) where known, else the first token."""
+    return {4: "avg", 3: token_pool or "cls", 2: "none"}[len(shape)]

@@ -3,7 +3,7 @@ exited samples' answers released as soon as the host sees them.
 
 Modes:
 - ``release``: exited rows keep running to the final head, so every sample gives feedback.
-- ``compact``: exited rows leave the batch through ``compact_rows`` (every state tensor,
+- ``compact``: exited rows leave the batch through ``compact_rows`` (every per-row state tensor,
   in place) and later segments run on fewer rows; a ``feedback_fraction`` of rows is marked at
   the start of the batch to keep running after they exit, so the monitor still sees agreement.
   When a ramp's exits reach the host before its compaction is launched (on a CPU, always) and
@@ -257,10 +257,15 @@ class EarlyExitForward:
             keep = result.exit_mask <= keeps_running  # not exited, or kept running as feedback
             if alive is not None:
                 keep &= alive
+            rows = backbone.rows_of(index, state)
+            # Compaction moves rows in place: a strided view (channels-last maps) or a mask
+            # expanded over the batch (stride 0) gets storage of its own first.
+            state = tuple(t.contiguous() if per_row else t for t, per_row in zip(state, rows))
             _, moved, count = compact_rows(state[0], keep, state[0])
-            for tensor in state[1:]:
-                compact_rows(tensor, keep, tensor, index_out=moved,
-                             count_out=torch.empty_like(count))
+            for tensor, per_row in zip(state[1:], rows[1:]):
+                if per_row:
+                    compact_rows(tensor, keep, tensor, index_out=moved,
+                                 count_out=torch.empty_like(count))
             live = DeviceToHost(count).poll()
             if live is None:  # later segments run on the stale view, its dead rows masked
                 moved = moved.clamp(min=0)
@@ -268,7 +273,7 @@ class EarlyExitForward:
             else:  # shrink the view to the live rows now that it is known
                 n = int(live[0][0])
                 moved = moved[:n]
-                state = tuple(t[:n] for t in state)
+                state = tuple(t[:n] if per_row else t for t, per_row in zip(state, rows))
                 alive = None  # every position of the shrunk view is live
                 count = None
             # New tensors, not in place: the published ``origin`` must not change.

@@ -1,11 +1,13 @@
-"""Per-segment and per-ramp latency of an ``EEModel`` at batch sizes 1 to 32 on this device,
-measured once per model and cached (keyed by backbone fingerprint, sites, device, input shape
-and thread count)."""
+"""Per-segment and per-ramp latency of an ``EEModel`` on this device, measured at four batch
+sizes from 1 to 32 and interpolated between them, once per model and machine: cached, keyed by
+backbone fingerprint, sites, device (and GPU name), machine, input shapes and thread count."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apparate._config import cache_root
+from apparate._progress import progress_bar
 from apparate.models.ee_model import EEModel
 from apparate.ops import ramp_exit
 from apparate.control.latency import LatencyProfile
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+BATCH_SIZES = (1, 4, 12, 32)
 
 
 class Profile:
@@ -46,13 +50,15 @@ def _tile(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, .
 
 
 @torch.no_grad()
-def measure(ee: EEModel, example_inputs, device, repeats: int = 5) -> Profile:
+def measure(ee: EEModel, example_inputs, device, repeats: int = 5, show: bool = True) -> Profile:
+    """example_inputs: the flat input tensors (``ee.input_spec.flatten``)."""
     backbone = ee.backbone
     inputs = tuple(t.to(device) for t in example_inputs)
     threshold = torch.tensor(2.0, device=device)
     heads = ee.ramp_heads(device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     segment_rows, ramp_rows = [], []
+    bar = progress_bar(len(BATCH_SIZES), "profiling (batch sizes)", show)
     for batch in BATCH_SIZES:
         tiled = _tile(inputs, batch)
         seg_times = [[] for _ in range(len(backbone.segments) + 1)]
@@ -77,25 +83,33 @@ def measure(ee: EEModel, example_inputs, device, repeats: int = 5) -> Profile:
             seg_times[-1].append(time.perf_counter() - start)
         segment_rows.append([statistics.median(t[1:]) * 1e3 for t in seg_times])
         ramp_rows.append([statistics.median(t[1:]) * 1e3 for t in ramp_times])
+        bar.update(1)
+    bar.close()
     return Profile(BATCH_SIZES, segment_rows, ramp_rows)
 
 
 def _key(ee: EEModel, example_inputs, device) -> str:
-    parts = [ee.fingerprint, json.dumps([s.name for s in ee.sites]), str(device),
-             json.dumps([list(t.shape[1:]) for t in example_inputs]), str(torch.get_num_threads())]
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    parts = [ee.fingerprint, json.dumps([s.name for s in ee.sites]), str(device), gpu,
+             platform.node(), platform.machine(), platform.processor(),
+             json.dumps([list(t.shape[1:]) for t in example_inputs]), str(torch.get_num_threads()),
+             json.dumps(BATCH_SIZES)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def load_or_measure(ee: EEModel, example_inputs, device, cache: Path | None) -> Profile:
-    """The cached profile of this model on this device, measured now if there is none."""
-    path = cache / f"profile-{_key(ee, example_inputs, device)}.json" if cache else None
-    if path is not None and path.exists():
+def load_or_measure(ee: EEModel, example_inputs, device, cache: str | Path | None = None
+                    ) -> Profile:
+    """The cached profile of this model on this machine and device, measured now if there is
+    none. cache: a folder (default: ``profiles`` in apparate's cache, see ``cache_root``)."""
+    cache = Path(cache) if cache is not None else cache_root() / "profiles"
+    path = cache / f"profile-{_key(ee, example_inputs, device)}.json"
+    if path.exists():
         data = json.loads(path.read_text())
         return Profile(data["batch_sizes"], data["segment_ms"], data["ramp_ms"])
     profile = measure(ee, example_inputs, device)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(profile.to_json()))
-        tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile.to_json()))
+    tmp.replace(path)
     return profile

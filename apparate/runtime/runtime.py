@@ -57,7 +57,9 @@ class Runtime:
     (else in the serving thread, after each batch); min_feedback: feedback rows needed before
     any ramp may exit (default: 128 in release mode; half the window in compact mode, where once
     exits start only ``feedback_fraction`` of the rows still give feedback, so the window must
-    hold enough rows before then); tuning_margin: thresholds are tuned to
+    hold enough rows before then); profile_cache: the folder that keeps latency profiles
+    (default: ``profiles`` in ``$APPARATE_CACHE`` or ``~/.cache/apparate``); tuning_margin:
+    thresholds are tuned to
     ``accuracy_constraint * tuning_margin`` on the window, while a violation is the constraint
     itself broken on the latest ``adjust_every`` rows.
     """
@@ -78,7 +80,8 @@ class Runtime:
         self.device = torch.device(device or "cpu")
         self.forward = EarlyExitForward(ee, mode=mode, feedback_fraction=feedback_fraction,
                                         device=self.device, seed=seed)
-        self.profile = profiler.load_or_measure(ee, example_inputs, self.device, profile_cache)
+        example = ee.input_spec.check(example_inputs)
+        self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
         self.latency = self.profile.at(batch_size)
         if min_feedback is None:
             min_feedback = window // 2 if mode == "compact" else 128
@@ -99,12 +102,14 @@ class Runtime:
     # -- serving thread -------------------------------------------------------------------
 
     def infer(self, batch, on_release: Callable[[int, Result], None] | None = None) -> list[Result]:
-        """Answer one batch (a tensor or a tuple of tensors, batch first).
+        """Answer one batch, given as the model takes it (a tensor, a tuple of tensors or a dict
+        of tensors, batch first). A batch whose inputs differ from the example's in shape or
+        dtype is refused with ``ValueError`` before anything runs.
 
         on_release(i, result) is called for each sample i as soon as its answer is known, with
         the same ``Result`` the returned list holds for it.
         """
-        inputs = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        inputs = self.ee.input_spec.check(batch)
         names = [s.name for s in self.ee.sites]
         callback = None
         if on_release is not None:
@@ -123,8 +128,9 @@ class Runtime:
         ]
 
     def forward_batch(self, inputs: tuple[torch.Tensor, ...], on_release=None) -> BatchOutcome:
-        """Answer one batch with batched release callbacks ``on_release(Release)`` (see
-        ``forward.ReleaseCallback``); the serving loop's entry point."""
+        """Answer one batch of flat, checked inputs (``ee.input_spec.check``) with batched
+        release callbacks ``on_release(Release)`` (see ``forward.ReleaseCallback``); the serving
+        loop's entry point."""
         inputs = tuple(t.to(self.device) for t in inputs)
         self._apply_staged()
         could_exit = bool(self.forward.active - self.forward.closed)
