@@ -49,40 +49,56 @@ def _tile(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, .
     return tuple(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch] for t in inputs)
 
 
+# Each batch size is timed up to REPEATS times, but no more once it has used BUDGET_S seconds
+# (a large model at the largest batch gets one timed run, so a Runtime starts in seconds).
+REPEATS = 5
+BUDGET_S = 1.5
+
+
 @torch.no_grad()
-def measure(ee: EEModel, example_inputs, device, repeats: int = 5, show: bool = True) -> Profile:
+def measure(ee: EEModel, example_inputs, device, show: bool = True) -> Profile:
     """example_inputs: the flat input tensors (``ee.input_spec.flatten``)."""
     backbone = ee.backbone
     inputs = tuple(t.to(device) for t in example_inputs)
     threshold = torch.tensor(2.0, device=device)
     heads = ee.ramp_heads(device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed_run(tiled, seg_times, ramp_times):
+        sync()
+        start = time.perf_counter()
+        state = backbone.enter(*tiled)
+        for i, segment in enumerate(backbone.segments):
+            state = segment(state)
+            sync()
+            now = time.perf_counter()
+            seg_times[i].append(now - start)
+            site = ee.sites[i]
+            mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
+            ramp_exit(state[0], heads[i], threshold, mask=mask)
+            sync()
+            start = time.perf_counter()
+            ramp_times[i].append(start - now)
+        backbone.finish(state)
+        sync()
+        seg_times[-1].append(time.perf_counter() - start)
+
+    def fresh():
+        return [[] for _ in range(len(backbone.segments) + 1)], [[] for _ in ee.sites]
+
+    timed_run(_tile(inputs, BATCH_SIZES[0]), *fresh())  # warms up every segment and ramp once
     segment_rows, ramp_rows = [], []
     bar = progress_bar(len(BATCH_SIZES), "profiling (batch sizes)", show)
     for batch in BATCH_SIZES:
         tiled = _tile(inputs, batch)
-        seg_times = [[] for _ in range(len(backbone.segments) + 1)]
-        ramp_times = [[] for _ in ee.sites]
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            sync()
-            start = time.perf_counter()
-            state = backbone.enter(*tiled)
-            for i, segment in enumerate(backbone.segments):
-                state = segment(state)
-                sync()
-                now = time.perf_counter()
-                seg_times[i].append(now - start)
-                site = ee.sites[i]
-                mask = backbone.mask_of(state) if site.pool in ("mean", "last") else None
-                ramp_exit(state[0], heads[i], threshold, mask=mask)
-                sync()
-                start = time.perf_counter()
-                ramp_times[i].append(start - now)
-            backbone.finish(state)
-            sync()
-            seg_times[-1].append(time.perf_counter() - start)
-        segment_rows.append([statistics.median(t[1:]) * 1e3 for t in seg_times])
-        ramp_rows.append([statistics.median(t[1:]) * 1e3 for t in ramp_times])
+        seg_times, ramp_times = fresh()
+        began = time.perf_counter()
+        for _ in range(REPEATS):
+            timed_run(tiled, seg_times, ramp_times)
+            if time.perf_counter() - began > BUDGET_S:
+                break
+        segment_rows.append([statistics.median(t) * 1e3 for t in seg_times])
+        ramp_rows.append([statistics.median(t) * 1e3 for t in ramp_times])
         bar.update(1)
     bar.close()
     return Profile(BATCH_SIZES, segment_rows, ramp_rows)
@@ -94,7 +110,7 @@ def _key(ee: EEModel, example_inputs, device) -> str:
     parts = [ee.fingerprint, json.dumps([s.name for s in ee.sites]), str(device), gpu,
              platform.node(), platform.machine(), platform.processor(),
              json.dumps([list(t.shape[1:]) for t in example_inputs]), str(torch.get_num_threads()),
-             json.dumps(BATCH_SIZES)]
+             json.dumps([BATCH_SIZES, REPEATS, BUDGET_S])]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 

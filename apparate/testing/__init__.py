@@ -1,4 +1,5 @@
-"""Helpers shared by tests/ and bench/: tolerances and the no-host-sync checker."""
+"""Helpers shared by tests/ and bench/: tolerances, the no-host-sync checker and a zoo of small
+models (``apparate.testing.zoo``)."""
 
 from apparate.testing.no_sync import HostSyncError, forbid_host_sync
 from apparate.testing.tolerances import assert_confidence_close, tolerance

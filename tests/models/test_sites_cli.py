@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from apparate import cli
+from apparate.testing import zoo
 
-ZOO_FILE = pathlib.Path(__file__).with_name("zoo.py")
+ZOO_FILE = pathlib.Path(zoo.__file__)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -32,7 +33,7 @@ def test_lists_the_sites_of_a_model_in_a_file(capsys):
 
 
 def test_keyword_inputs_and_a_module_path(capsys):
-    code, out, _ = _run(capsys, "tests.models.zoo:EncoderClassifier",
+    code, out, _ = _run(capsys, "apparate.testing.zoo:EncoderClassifier",
                         "--input-shape", "input_ids=12:int64", "--input-shape", "attention_mask=12:int64")
     assert code == 0, out
     assert "encoder.encoder.layer.0" in out and "mean" in out
@@ -49,11 +50,11 @@ def test_says_why_a_model_has_no_sites(capsys):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["tests.models.zoo:DenseNet"], "give --input-shape"),
-    (["tests.models.zoo:DenseNet", "--input-shape", "3,x,16"], "expected sizes like"),
-    (["tests.models.zoo:DenseNet", "--input-shape", "3,16,16:float99"], "not a torch dtype"),
-    (["tests.models.zoo"], "expected MODULE:FACTORY"),
-    (["tests.models.zoo:Missing"], "Missing"),
+    (["apparate.testing.zoo:DenseNet"], "give --input-shape"),
+    (["apparate.testing.zoo:DenseNet", "--input-shape", "3,x,16"], "expected sizes like"),
+    (["apparate.testing.zoo:DenseNet", "--input-shape", "3,16,16:float99"], "not a torch dtype"),
+    (["apparate.testing.zoo"], "expected MODULE:FACTORY"),
+    (["apparate.testing.zoo:Missing"], "Missing"),
 ])
 def test_bad_arguments_say_what_to_pass(capsys, argv, words):
     code, _, err = _run(capsys, *argv)

@@ -1,6 +1,7 @@
-"""Small randomly initialised models of the architectures users serve, written as their authors
-write them (no adapter in apparate was written for any of them). ``ZOO`` maps a family to
-(factory, example input); ``HF_ZOO`` builds tiny ``transformers`` models from a config."""
+"""Small randomly initialised models of the architectures users serve, written as their
+authors write them (no adapter in apparate was written for any of them), for tests/ and bench/.
+``ZOO`` maps a CNN family to its class; ``hf_model`` builds a tiny ``transformers`` classifier
+of a family from its config (transformers comes with the demo extra)."""
 
 from __future__ import annotations
 
