@@ -2,8 +2,8 @@
 
 Every site is a cut: the state there carries everything the rest of the model needs, so the
 model can stop after any segment (a sample exits) or continue on fewer rows (exited rows are
-compacted away). A state is a tuple of tensors whose first dimension is the batch; the first
-tensor is what a ramp reads (``hidden``). Segments are explicit callables so the runtime can run
+compacted away). A state is a tuple of tensors, each with the batch first or shared by all
+rows (``SegmentedBackbone.batched``); the first tensor is what a ramp reads (``hidden``). Segments are explicit callables so the runtime can run
 them one by one, profile them, and later capture each as a CUDA graph.
 """
 
