@@ -12,6 +12,8 @@ EXTRA_PACKAGES = {
     "matplotlib": "matplotlib",
     "cv2": "opencv-python-headless",
     "tqdm": "tqdm",
+    "gguf": "gguf",
+    "accelerate": "accelerate",
 }
 
 

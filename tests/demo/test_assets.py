@@ -337,7 +337,7 @@ def test_fashion_mnist_split_is_checked():
 
 
 # --------------------------------------------------------------------------- integration tests
-# Real packages, shared cache: the first run downloads about 240 MB.
+# Real packages, shared cache: the first run downloads about 320 MB.
 
 slow = pytest.mark.slow
 
