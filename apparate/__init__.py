@@ -12,7 +12,7 @@ from apparate._version import __version__
 
 # Public name -> the module that defines it.
 _HOMES = {
-    "EEModel": "apparate.models", "load": "apparate.models", "prepare": "apparate.models",
+    "EEDecoder": "apparate.models", "EEModel": "apparate.models", "load": "apparate.models", "prepare": "apparate.models",
     "RampExit": "apparate.ops", "RampHead": "apparate.ops", "compact_rows": "apparate.ops",
     "ramp_exit": "apparate.ops", "Result": "apparate.runtime.runtime",
     "Runtime": "apparate.runtime.runtime",

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -20,22 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apparate._progress import progress_bar
+from apparate.models.ee_decoder import EEDecoder, load_decoder, prepare_decoder
 from apparate.models.graph_sites import UncapturableModelError, graph_backbone
 from apparate.models.hf_bert import base_encoder, bert_backbone
 from apparate.models.inputs import InputSpec
+from apparate.models.persist import FORMAT_VERSION, fingerprint
 from apparate.models.segments import SegmentedBackbone, Site, pool_for
 from apparate.ops.ramp_exit import RampHead, pool_ref
 
-FORMAT_VERSION = 1
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of the model's parameters and buffers."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+TASKS = ("classification", "generation")
 
 
 # A ramp whose site leaves less than this share of the model's latency after it can save
@@ -222,11 +214,16 @@ def prepare(model: torch.nn.Module, example_inputs, *, task: str = "classificati
     dict of tensors (a tokenizer's ``BatchEncoding``). Sites are found in the model's exported
     graph; those that leave less than ``MIN_REMAINING_SHARE`` of the latency after them are not
     candidates. sites: module names to use instead of the automatic choice (each a cut point).
+    task: "classification", or "generation" for a decoder LM (example_inputs: token ids, (B, T);
+    returns an ``EEDecoder``, see ``apparate.models.ee_decoder``).
     """
-    if task != "classification":
-        raise ValueError(f"task must be 'classification'; got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if task == "generation":
+        model.eval()
+        return prepare_decoder(model, example_inputs, sites)
     spec = InputSpec.of(example_inputs)
     example = spec.flatten(example_inputs)
     model.eval()
@@ -264,7 +261,7 @@ def _num_classes(backbone: SegmentedBackbone, example) -> int:
     return logits.shape[1]
 
 
-def load(path: str, model: torch.nn.Module, example_inputs=None) -> EEModel:
+def load(path: str, model: torch.nn.Module, example_inputs=None) -> EEModel | EEDecoder:
     """Rebuild an ``EEModel`` saved by ``EEModel.save`` on top of ``model``.
 
     Refused with ``ValueError`` when ``model`` is not the backbone the ramps were trained on.
@@ -284,6 +281,8 @@ def load(path: str, model: torch.nn.Module, example_inputs=None) -> EEModel:
             f"{path} holds ramps trained on another backbone (fingerprint {expected[:12]}…, this "
             f"model's is {actual[:12]}…); train ramps for this model with prepare() + train_ramps()"
         )
+    if metadata.get("task") == "generation":
+        return load_decoder(path, model, metadata, tensors, actual)
     sites = [Site(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(metadata["sites"])]
     model.eval()
     if example_inputs is not None:

@@ -18,7 +18,7 @@ does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +30,12 @@ from apparate.control.process import ControllerProcess
 from apparate.models.ee_model import EEModel
 from apparate.runtime import profiler
 from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward, Release
+from apparate.runtime.generate import (GENERATE_MODES, STRATEGIES, Decoder, Generation, OnToken,
+                                       decode_latency)
 
 log = logging.getLogger("apparate")
 
-__all__ = ["Result", "Runtime"]
+__all__ = ["Generation", "Result", "Runtime"]
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,30 @@ class Runtime:
                  device: str | torch.device | None = None, window: int = 1024,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
                  profile_cache=None, background: bool = True, min_feedback: int | None = None,
-                 tuning_margin: float = 0.25, seed: int = 0):
+                 tuning_margin: float = 0.25, seed: int = 0, max_length: int = 512,
+                 kv_strategy: str = "catchup"):
         if not 0 < accuracy_constraint < 1:
             raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-        if example_inputs is None:
-            raise ValueError("example_inputs (a small batch) are needed to profile the model")
         self.ee = ee
         self.device = torch.device(device or "cpu")
-        self.forward = EarlyExitForward(ee, mode=mode, feedback_fraction=feedback_fraction,
-                                        device=self.device, seed=seed)
-        example = ee.input_spec.check(example_inputs)
-        self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
-        self.latency = self.profile.at(batch_size)
+        self.decoder: Decoder | None = None
+        self.forward: EarlyExitForward | None = None
+        if getattr(ee, "task", "classification") == "generation":
+            self.decoder = Decoder(ee, slots=batch_size, max_length=max_length,
+                                   kv_strategy=kv_strategy, feedback_fraction=feedback_fraction,
+                                   device=self.device, seed=seed)
+            self.latency = decode_latency(ee, batch_size, self.device)
+            mode = "compact"  # exited tokens always leave the step
+        else:
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+            if example_inputs is None:
+                raise ValueError("example_inputs (a small batch) are needed to profile the model")
+            self.forward = EarlyExitForward(ee, mode=mode, feedback_fraction=feedback_fraction,
+                                            device=self.device, seed=seed)
+            example = ee.input_spec.check(example_inputs)
+            self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
+            self.latency = self.profile.at(batch_size)
         if min_feedback is None:
             min_feedback = window // 2 if mode == "compact" else 128
         self.history: list[ConfigChange] = []
@@ -109,6 +121,8 @@ class Runtime:
         on_release(i, result) is called for each sample i as soon as its answer is known, with
         the same ``Result`` the returned list holds for it.
         """
+        if self.forward is None:
+            raise TypeError("this runtime serves a decoder LM: use generate() or stream()")
         inputs = self.ee.input_spec.check(batch)
         names = [s.name for s in self.ee.sites]
         callback = None
@@ -152,6 +166,77 @@ class Runtime:
         return (outcome.site_confidence[rows],
                 outcome.site_prediction[rows] == final[:, None])
 
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, prompts, max_new_tokens: int | Sequence[int] = 128, *,
+                 kv_strategy: str | None = None, mode: str = "exits",
+                 on_token: OnToken | None = None, tokenizer=None) -> list[Generation]:
+        """Greedy decoding of every prompt with per-token exits (``mode="exits"``) or the
+        lossless self-speculative mode (``mode="lossless"``: exactly the unmodified model's
+        greedy output). prompts: token id lists, a (B, T) tensor, or texts with ``tokenizer``.
+        At most ``batch_size`` sequences decode at once; the others join as slots free up.
+        max_new_tokens: one for all or one per prompt. kv_strategy: this call's strategy for
+        the KV entries of skipped layers (default: the runtime's). on_token(i, token, site) is
+        called as soon as each token of sequence i is known (site: the exit's site name, None
+        for the final layer). A prompt that cannot be decoded (empty, too long for the cache,
+        max_new_tokens < 1) gets ``finish="error"`` and its message; the others decode."""
+        results: list[Generation] = []
+        for event in self._generate(prompts, max_new_tokens, kv_strategy, mode, on_token,
+                                    tokenizer, results):
+            del event
+        return results
+
+    def stream(self, prompts, max_new_tokens: int | Sequence[int] = 128, *,
+               kv_strategy: str | None = None, mode: str = "exits", tokenizer=None
+               ) -> Iterator[tuple[int, int, str | None]]:
+        """``generate`` as a stream of (sequence index, token, site), each token yielded at the
+        end of the decode step that produced it."""
+        yield from self._generate(prompts, max_new_tokens, kv_strategy, mode, None, tokenizer,
+                                  [])
+
+    def _generate(self, prompts, max_new_tokens, kv_strategy, mode, on_token, tokenizer,
+                  results: list[Generation]):
+        decoder = self.decoder
+        if decoder is None:
+            raise TypeError("generate() needs a runtime over a decoder LM "
+                            "(apparate.prepare(model, ids, task='generation'))")
+        if mode not in GENERATE_MODES:
+            raise ValueError(f"mode must be one of {GENERATE_MODES}; got {mode!r}")
+        strategy = decoder.strategy if kv_strategy is None else kv_strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"kv_strategy must be one of {STRATEGIES}; got {strategy!r}")
+        decoder.strategy = strategy
+        events: list[tuple[int, int, str | None]] = []
+
+        def record(index: int, token: int, site: str | None) -> None:
+            events.append((index, token, site))
+            if on_token is not None:
+                on_token(index, token, site)
+
+        waiting = decoder.sequences(prompts, max_new_tokens, tokenizer)
+        results.extend(seq.out for seq in waiting)
+        waiting = [seq for seq in waiting if seq.out.error is None]
+        if mode == "lossless" and decoder.lossless.uncalibrated:
+            decoder.lossless.calibrate(decoder.cache.slots, self.device)
+        while waiting or decoder.live:
+            while waiting and decoder.free:
+                decoder.admit(waiting.pop(0), record)
+                decoder.release_finished()
+            if decoder.live:
+                self._apply_staged()
+                if mode == "lossless":
+                    decoder.lossless_step(record)
+                else:
+                    decoder.step(record)
+                    feedback = decoder.take_feedback()
+                    if feedback is not None and self._window is not None:
+                        self._window.record(*feedback)
+                    if self.controller is not None and self.controller.due():
+                        self.control_step()
+                decoder.release_finished()
+            yield from events
+            events.clear()
+
     def control_step(self) -> None:
         """One controller decision on the current window, staged for the next batch (the
         in-thread controller, ``background=False``; also callable directly in tests)."""
@@ -170,7 +255,7 @@ class Runtime:
 
     def _apply(self, change: ConfigChange) -> None:
         """Serve a configuration from the next batch on (serving thread, between batches)."""
-        self.forward.configure(change.active, change.thresholds)
+        (self.forward or self.decoder).configure(change.active, change.thresholds)
         self.history.append(change)
 
     def close(self) -> None:

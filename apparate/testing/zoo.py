@@ -308,3 +308,34 @@ class EncoderClassifier(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return self.head(pooled)
+
+
+DECODER_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+DECODER_VOCAB = 211
+
+
+def decoder_lm(family: str, seed: int = 0, layers: int = 6) -> torch.nn.Module:
+    """A tiny randomly initialised ``transformers`` decoder LM of ``family`` (no download):
+    hidden 64, 4 heads (2 KV heads where the family has grouped queries), vocab 211."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=DECODER_VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, eos_token_id=DECODER_VOCAB - 1,
+                  bos_token_id=0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, tie_word_embeddings=True))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            **common, sliding_window=None))
+    elif family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=DECODER_VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+            eos_token_id=DECODER_VOCAB - 1, bos_token_id=0))
+    else:
+        raise ValueError(f"unknown decoder family {family!r}; families: {DECODER_FAMILIES}")
+    return model.eval()
