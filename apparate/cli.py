@@ -12,7 +12,7 @@ from pathlib import Path
 from apparate._version import __version__
 from apparate.demo._extra import require_extra
 from apparate.demo.experiment import ExperimentConfig, run, table
-from apparate.demo.workloads import WORKLOADS
+from apparate.demo.workloads import GENERATIVE, WORKLOADS
 
 MODES = ("release", "compact")
 
@@ -21,6 +21,7 @@ DESCRIPTION = "apparate: early exits for ML models, managed while the model serv
 EPILOG = """examples:
   apparate sites torchvision.models:resnet18 --input-shape 3,224,224
   apparate demo --workload cv-fashion --mode compact
+  apparate demo --workload gen-smollm2
   apparate bench e2e --workload cv-fashion --mode release --out results/cv-fashion-release
 
 The first run of a workload fetches its model and data and may train its model (minutes); later
@@ -69,8 +70,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     demo = commands.add_parser("demo", help="run one workload end to end and compare",
                                description=DEMO_DESCRIPTION)
-    demo.add_argument("--workload", choices=WORKLOADS, default="nlp-sentiment",
-                      help="default: %(default)s")
+    demo.add_argument("--workload", choices=(*WORKLOADS, GENERATIVE), default="nlp-sentiment",
+                      help=f"default: %(default)s; {GENERATIVE} decodes with per-token exits "
+                           "(--mode does not apply)")
     demo.add_argument("--mode", choices=MODES, default="release",
                       help="release: exited samples run on for feedback; compact: they leave "
                            "the batch (default: %(default)s)")
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sites":
         return _sites(args, parser)
+    if args.command == "demo" and args.workload == GENERATIVE:
+        return _generative_demo(args.out / args.workload, parser)
     if args.command == "demo":
         config = ExperimentConfig(workload=args.workload, mode=args.mode)
         out = args.out / args.workload
@@ -158,6 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     print(table(run(config, out)))
     if args.command == "demo":
         print(f"plots, requests.csv and summary.json: {out}")
+    return 0
+
+
+def _generative_demo(out: Path, parser: argparse.ArgumentParser) -> int:
+    """gen-smollm2: vanilla and per-token exits (catch-up) at batch 8 on 16 evaluation prompts."""
+    try:
+        require_extra()
+    except ImportError as error:
+        parser.exit(1, f"{error}\n")
+    from apparate.demo import decoding
+    from apparate.demo.workloads.generation import MAX_LENGTH, load_generation_workload
+
+    w = load_generation_workload()
+    pad = w.tokenizer.pad_token_id
+    setup = decoding.Setup(w.ee, w.model, w.warmup_prompts, w.eval_prompts[:16], MAX_LENGTH,
+                           0 if pad is None else pad)
+    summary = decoding.run(setup, out, batches=(8,), strategies=("catchup",), lossless=False,
+                           hf=False, new_tokens=64, rounds=2)
+    print(decoding.table(summary))
+    print(f"tpt_cdf.png, frontier.png and summary.json: {out}")
     return 0
 
 

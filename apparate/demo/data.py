@@ -22,6 +22,7 @@ from apparate.demo import assets
 from apparate.demo._extra import require
 from apparate.demo._files import locked
 from apparate.demo.workloads import _setup
+from apparate.demo.workloads._workload import GENERATIVE
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -38,7 +39,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
 _SENTIMENT_LABELS = {"negative": 0, "positive": 1}
-SMOLLM2_WORKLOAD = "gen-smollm2"
+SMOLLM2_WORKLOAD = GENERATIVE
 SMOLLM2_INSTRUCTION = "Write a short, friendly reply to this tweet."
 _SMOLLM2_SOURCE = "source.json"  # in the float32 copy: the package it was converted from
 

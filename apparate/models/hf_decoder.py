@@ -131,7 +131,16 @@ class DecoderLM:
             h = h + self.wpe(positions)
         return h
 
-    def _project(self, index: int, x: Tensor, positions: Tensor, queries: bool):
+    def rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The rotary (cos, sin) of ``positions`` (n, Q), in the layout the layers apply them
+        (None for learned positions): the same for every layer, so a caller running many layers
+        on the same positions computes them once and passes them as ``rope``."""
+        if self.rotary is None:
+            return None
+        cos, sin = self.rotary(h, positions)
+        return cos[:, None], sin[:, None]
+
+    def _project(self, index: int, x: Tensor, positions: Tensor, queries: bool, rope=None):
         """Normed input x (n, Q, H) -> q (or None), k, v in (n, heads, Q, d) layout."""
         n, length, _ = x.shape
         layer = self.stack[index]
@@ -153,26 +162,28 @@ class DecoderLM:
                 q = attn.q_norm(q)
             if getattr(attn, "k_norm", None) is not None:
                 k = attn.k_norm(k)
-            cos, sin = self.rotary(x, positions)
-            cos, sin = cos[:, None], sin[:, None]
+            cos, sin = rope if rope is not None else self.rope(x, positions)
             k = k * cos + _rotate_half(k) * sin
             if q is not None:
                 q = q * cos + _rotate_half(q) * sin
         return q, k, v
 
-    def key_values(self, index: int, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def key_values(self, index: int, h: Tensor, positions: Tensor, rope=None
+                   ) -> tuple[Tensor, Tensor]:
         """Layer ``index``'s keys and values for hidden states h (n, Q, H) entering it."""
         layer = self.stack[index]
         x = (layer.input_layernorm if self.style == "llama" else layer.ln_1)(h)
-        _, k, v = self._project(index, x, positions, queries=False)
+        _, k, v = self._project(index, x, positions, queries=False, rope=rope)
         return k, v
 
-    def layer(self, index: int, h: Tensor, positions: Tensor, attend: Attend) -> Tensor:
-        """Run decoder layer ``index`` on h (n, Q, H) at ``positions`` (n, Q)."""
+    def layer(self, index: int, h: Tensor, positions: Tensor, attend: Attend, rope=None
+              ) -> Tensor:
+        """Run decoder layer ``index`` on h (n, Q, H) at ``positions`` (n, Q); rope: from
+        ``rope(h, positions)``, computed here when not given."""
         layer = self.stack[index]
         llama = self.style == "llama"
         x = (layer.input_layernorm if llama else layer.ln_1)(h)
-        q, k, v = self._project(index, x, positions, queries=True)
+        q, k, v = self._project(index, x, positions, queries=True, rope=rope)
         out = attend(q, k, v)
         n, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim)

@@ -9,11 +9,14 @@ next waiting sequence: continuous batching.
 
 A decode step runs the layers one at a time on the live rows. At each active site the exit head
 decides per row (``ramp_exit`` + ``agree_probability`` against the site's threshold); rows that
-exit get their token from the site's adapter + the model's head, evaluated only on those rows,
-and leave the step through ``compact_rows``; the others continue on the compacted batch. A
+exit leave the step through ``compact_rows`` and the others continue on the compacted batch.
+An exited row's token is the model's head on the site's adapted state, evaluated only for the
+rows that exit; the step's head inputs (exited rows, feedback rows, final rows) go through the
+head in one call at the end of the step, so its weights are read once per step as in the
+unmodified model (a token is needed no sooner: the next step starts after this one ends). A
 ``feedback_fraction`` of rows, drawn per step, keeps running to the last layer after it exits:
-at every active site its site token is computed too, and compared with the final token these
-rows give the feedback window its (per-token) rows.
+its token at every active site is computed too, and compared with its final token these rows
+give the feedback window its (per-token) rows.
 
 The KV entries of the layers an exited token skipped come from the runtime's ``kv_strategy``:
 - ``"catchup"``: the skipped position is remembered per slot with its hidden state and runs
@@ -26,9 +29,10 @@ The KV entries of the layers an exited token skipped come from the runtime's ``k
 - ``"mask"``: deeper layers never attend to skipped positions (cheapest; approximate).
 
 Every value the host reads from the device travels through ``channel.DeviceToHost``: per site,
-the exit decisions and the site tokens in one slot; at the end of the step, the final tokens.
-On a GPU, the live count after an exit is waited for (a device read per site with exits); the
-CPU, where everything here is measured, never waits.
+the exit decisions and the live count in one slot; at the end of the step, the tokens. On a GPU
+the live count after an exit is waited for (a device read per site with exits; capturing the
+segments as CUDA graphs per bucket size is what removes it, DESIGN section 10); on the CPU,
+where everything here is measured, nothing waits.
 """
 
 from __future__ import annotations
@@ -86,6 +90,41 @@ class _Seq:
     pending: list[list[int]] = field(default_factory=list)  # catch-up: [position, reached layer]
     flush: bool = False  # ended with positions pending: a row that runs them, emitting nothing
     done: bool = False
+
+
+class _Step:
+    """The host's view of one decode step: per row of the view, its sequence (``rows`` index
+    ``live``); per sequence, its columns (catch-up: pending positions, then the current token)
+    with their positions and the layer each has reached; what the head computes at the end."""
+
+    def __init__(self, live: list[_Seq], decoder: Decoder):
+        device = decoder.device
+        n = len(live)
+        self.live = live
+        catchup = decoder.strategy == "catchup"
+        self.width = 1 + (max(len(s.pending) for s in live) if catchup else 0)
+        col_pos = np.zeros((n, self.width), dtype=np.int64)
+        self.reach = np.full((n, self.width), _NEVER, dtype=np.int64)
+        for i, seq in enumerate(live):
+            for j, (position, reached) in enumerate(seq.pending):
+                col = self.width - 1 - len(seq.pending) + j
+                col_pos[i, col], self.reach[i, col] = position, reached
+            col_pos[i, -1] = seq.length
+            self.reach[i, -1] = _NEVER if seq.flush else -1
+        flush = np.array([s.flush for s in live])
+        self.slots = np.array([s.slot for s in live])
+        self.feedback = (decoder.rng.random(n) < decoder.feedback_fraction) & ~flush
+        self.may_exit = ~flush & np.array([len(s.pending) + 1 < PENDING_CAP for s in live])
+        self.rows = np.arange(n)  # the sequence (index into ``live``) of each row of the view
+        self.span = int(col_pos.max()) + 1
+        self.slot_idx = torch.from_numpy(self.slots).to(device)
+        self.positions = torch.from_numpy(col_pos).to(device)
+        self.ids = torch.tensor([s.next_token for s in live], dtype=torch.int64, device=device)
+        self.exit_site = np.full(n, -1, dtype=np.int64)
+        self.fb_conf = np.full((n, len(decoder.ee.sites)), np.nan, dtype=np.float32)
+        self.head_in: list[Tensor] = []  # hidden states (m, H) for the head
+        self.head_use: list[tuple[str, int, np.ndarray]] = []  # (kind, site, sequences)
+        self.verify_pos: list[int] = []
 
 
 class _Cache:
@@ -196,19 +235,22 @@ class Decoder:
     # -- attention over the cache ---------------------------------------------------------
 
     def _attend(self, layer: int, slot_idx: Tensor, slots_host: np.ndarray, positions: Tensor,
-                write_slot: Tensor, span: int):
+                write_slot: Tensor, span: int, masks: dict | None = None):
         """attend() for rows in ``slots_host`` (their slot indices ``slot_idx``) whose columns
         sit at ``positions`` (n, Q): keys and values go to ``write_slot`` (n, Q) (the trash slot
         for columns that are not computed at this layer), then each query sees its slot's
-        entries up to its own position. span: positions of the cache any row can see."""
+        entries up to its own position. span: positions of the cache any row can see. masks:
+        a dict kept by the caller while the rows and positions stay the same, so the attention
+        mask is built once for all the layers that share it."""
         cache = self.cache
         n = slots_host.shape[0]
         direct = np.array_equal(slots_host, np.arange(n))  # rows are slots 0..n-1, in order
+        rows = n if direct else cache.slots + 1
+        masks = {} if masks is None else masks
 
         def attend(q, k, v):
             cache.k[layer][write_slot, :, positions] = k.transpose(1, 2)
             cache.v[layer][write_slot, :, positions] = v.transpose(1, 2)
-            rows = n if direct else cache.slots + 1
             keys = cache.k[layer][:rows, :, :span]
             values = cache.v[layer][:rows, :, :span]
             if direct:
@@ -217,9 +259,13 @@ class Decoder:
                 queries = q.new_zeros((rows, *q.shape[1:])).index_copy_(0, slot_idx, q)
                 query_pos = positions.new_zeros((rows, positions.shape[1])).index_copy_(
                     0, slot_idx, positions)
-            key_pos = torch.arange(span, device=q.device).expand(rows, span)
-            mask = self.dec.causal_mask(layer, query_pos, key_pos)
-            mask = mask & cache.valid[layer, :rows, None, None, :span]
+            window = self.dec.window[layer]
+            mask = masks.get(window)
+            if mask is None:
+                key_pos = torch.arange(span, device=q.device).expand(rows, span)
+                mask = masks[window] = self.dec.causal_mask(layer, query_pos, key_pos)
+            if self.strategy == "mask":  # the only strategy that leaves entries out
+                mask = mask & cache.valid[layer, :rows, None, None, :span]
             out = self.dec.attention(layer, queries, keys, values, mask)
             return out if direct else out.index_select(0, slot_idx)
 
@@ -241,9 +287,10 @@ class Decoder:
         self.cache.valid[:, slot] = True
         with torch.no_grad():
             h = self.dec.embed(ids, positions)
+            rope, masks = self.dec.rope(h, positions), {}
             for layer in range(self.dec.layers):
                 h = self.dec.layer(layer, h, positions, self._attend(
-                    layer, slot_idx, np.array([slot]), positions, write, length))
+                    layer, slot_idx, np.array([slot]), positions, write, length, masks), rope)
             token = DeviceToHost(self.dec.head(h[:, -1]).argmax(-1)).wait()[0]
         seq.length = length
         seq.out.prefill_s = time.perf_counter() - started
@@ -279,165 +326,163 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, on_token: OnToken | None = None) -> None:
-        """One token for every live sequence (exits at the active sites)."""
+        """One token for every live sequence (exits at the active sites).
+
+        Exit decisions are made as the step goes; every token of the step (the exited rows' at
+        their sites, the feedback rows' at every active site, the rest at the last layer, and
+        the caught-up positions' for verification) comes from one call of the vocabulary head
+        at the end, which reads the head's weights once, as the unmodified model does."""
         dec, cache, device = self.dec, self.cache, self.device
         live = sorted(self.live, key=lambda s: s.slot)
         for seq in live:  # a live sequence that has ended still has positions to catch up
             seq.flush = seq.done
-        n = len(live)
-        catchup = self.strategy == "catchup"
-        width = 1 + (max(len(s.pending) for s in live) if catchup else 0)
-        col_pos = np.zeros((n, width), dtype=np.int64)
-        col_reach = np.full((n, width), _NEVER, dtype=np.int64)
-        for i, seq in enumerate(live):
-            for j, (position, reached) in enumerate(seq.pending):
-                col = width - 1 - len(seq.pending) + j
-                col_pos[i, col], col_reach[i, col] = position, reached
-            col_pos[i, -1] = seq.length
-            col_reach[i, -1] = _NEVER if seq.flush else -1
-        slots_host = np.array([s.slot for s in live])
-        feedback = (self.rng.random(n) < self.feedback_fraction) & ~np.array(
-            [s.flush for s in live])
-        may_exit = ~np.array([s.flush or len(s.pending) + 1 >= PENDING_CAP for s in live])
-        rows = np.arange(n)  # position in ``live`` of each row of the view
-        span = int(col_pos.max()) + 1
-        slot_idx = torch.from_numpy(slots_host).to(device)
-        positions = torch.from_numpy(col_pos).to(device)
-        ids = torch.tensor([s.next_token for s in live], dtype=torch.int64, device=device)
-        x = dec.embed(ids[:, None], positions[:, -1:])
-        if width > 1:
-            x = torch.cat([self.pending_h[slot_idx, PENDING_CAP - width + 1:], x], dim=1)
-        emitted = np.full(n, -1, dtype=np.int64)
-        emitted_site = np.full(n, -1, dtype=np.int64)
-        sites = len(self.ee.sites)
-        fb_conf = np.full((n, sites), np.nan, dtype=np.float32)
-        fb_agree = np.full((n, sites), -1, dtype=np.int64)
-        names = [s.name for s in self.ee.sites]
+        st = _Step(live, self)
+        x = dec.embed(st.ids[:, None], st.positions[:, -1:])
+        if st.width > 1:
+            pending = self.pending_h[st.slot_idx, PENDING_CAP - st.width + 1:]
+            x = torch.cat([pending, x], dim=1)
+        rope, masks = dec.rope(x, st.positions), {}
         for layer in range(dec.layers):
-            included = col_reach[rows] < layer
+            included = st.reach[st.rows] < layer
             inc = torch.from_numpy(included).to(device)
-            write = torch.where(inc, slot_idx[:, None], cache.trash)
-            out = dec.layer(layer, x, positions, self._attend(
-                layer, slot_idx, slots_host[rows], positions, write, span))
-            x = torch.where(inc[..., None], out, x) if width > 1 else out
+            write = torch.where(inc, st.slot_idx[:, None], cache.trash)
+            out = dec.layer(layer, x, st.positions, self._attend(
+                layer, st.slot_idx, st.slots[st.rows], st.positions, write, st.span, masks),
+                rope)
+            x = torch.where(inc[..., None], out, x) if st.width > 1 else out
             site = self.site_of_layer.get(layer)
             if site is None or site not in self.active:
                 continue
-            opens = site not in self.closed
-            keep = self._site(site, x, rows, slot_idx, positions, col_reach, feedback, may_exit,
-                              opens, emitted, emitted_site, fb_conf, fb_agree, live, names,
-                              on_token)
+            keep = self._site(st, site, x)
             if keep is None:
                 continue
             if not keep.any():
-                rows = rows[:0]
+                st.rows = st.rows[:0]
                 break
             index = torch.from_numpy(np.flatnonzero(keep)).to(device)
-            x, slot_idx, positions = x[index], slot_idx[index], positions[index]
-            rows = rows[keep]
-        if rows.size:
-            self._final(x, rows, live, col_reach, width, emitted, emitted_site, fb_conf,
-                        fb_agree, feedback, on_token)
+            x, st.slot_idx, st.positions = x[index], st.slot_idx[index], st.positions[index]
+            st.rows = st.rows[keep]
+            rope = None if rope is None else (rope[0][index], rope[1][index])
+            masks = {}
+        if st.rows.size:
+            self._final(st, x)
+        self._tokens(st, on_token)
         for seq in live:
             if not seq.flush:
                 seq.length += 1
-        rows_fb = np.flatnonzero(feedback)
-        if rows_fb.size:
-            self.feedback_rows.append((fb_conf[rows_fb], fb_agree[rows_fb]))
 
-    def _site(self, site, x, rows, slot_idx, positions, col_reach, feedback, may_exit, opens,
-              emitted, emitted_site, fb_conf, fb_agree, live, names, on_token):
+    def _site(self, st: _Step, site: int, x: Tensor) -> np.ndarray | None:
         """Exit decisions at ``site`` for the rows of the view; returns which rows continue
-        (None: all of them, nothing left)."""
+        (None: every row, and nothing to do)."""
         device = self.device
-        last = x[:, -1]
+        rows = st.rows
+        last = x[:, -1].contiguous()
         threshold = self.site_thresholds[site]
-        allowed = torch.from_numpy(may_exit[rows]).to(device)
-        result = ramp_exit(last.contiguous(), self.heads[site], threshold, alive=allowed)
+        allowed = torch.from_numpy(st.may_exit[rows]).to(device)
+        result = ramp_exit(last, self.heads[site], threshold, alive=allowed)
         agree = agree_probability(result.confidence, result.prediction)
-        exits = (agree >= threshold) & allowed if opens else torch.zeros_like(allowed)
-        marked = torch.from_numpy(feedback[rows]).to(device)
-        wanted = exits | marked  # rows whose site token is needed
+        if site in self.closed:
+            exits = torch.zeros_like(allowed)
+        else:
+            exits = (agree >= threshold) & allowed
+        marked = torch.from_numpy(st.feedback[rows]).to(device)
+        wanted = exits | marked  # rows whose token at this site is needed
         buffer = torch.empty_like(last)
-        _, moved, count = compact_rows(last.contiguous(), wanted, buffer)
+        _, moved, count = compact_rows(last, wanted, buffer)
         agree_h, exits_h, moved_h, count_h = DeviceToHost(agree, exits, moved, count).wait()
         k = int(count_h[0])
-        now = time.perf_counter()
-        fb_rows = rows[feedback[rows]]
-        fb_conf[fb_rows, site] = agree_h[feedback[rows]]
+        st.fb_conf[rows[st.feedback[rows]], site] = agree_h[st.feedback[rows]]
         if k == 0:
             return None
-        tokens = DeviceToHost(self.ee.site_logits(site, buffer[:k]).argmax(-1)).wait()[0]
-        chosen = moved_h[:k]
-        fb_agree[rows[chosen], site] = np.where(feedback[rows[chosen]], tokens, -1)
-        leaving = exits_h & ~feedback[rows]
-        for position, token in zip(chosen, tokens):
-            i = rows[position]
-            if exits_h[position] and emitted[i] < 0:
-                emitted[i], emitted_site[i] = token, site
-                self._emit(live[i], int(token), names[site], now, on_token)
+        h = buffer[:k]
+        st.head_in.append(h + self.ee.adapters[site](h))
+        chosen = rows[moved_h[:k]]
+        st.head_use.append(("site", site, chosen))
+        first = exits_h & (st.exit_site[rows] < 0)
+        st.exit_site[rows[first]] = site
+        leaving = exits_h & ~st.feedback[rows]
         if not leaving.any():
             return np.ones(rows.size, dtype=bool)
-        self._skip(site, x, rows, leaving, slot_idx, positions, col_reach, live)
+        self._skip(st, site, x, leaving)
         return ~leaving
 
-    def _skip(self, site, x, rows, leaving, slot_idx, positions, col_reach, live) -> None:
+    def _skip(self, st: _Step, site: int, x: Tensor, leaving: np.ndarray) -> None:
         """Fill (or leave out) the deeper layers' KV entries of rows leaving at ``site``."""
         layer = self.ee.site_layers[site]
         index = torch.from_numpy(np.flatnonzero(leaving)).to(self.device)
-        slots, where = slot_idx[index], positions[index, -1:]
+        slots, where = st.slot_idx[index], st.positions[index, -1:]
         if self.strategy == "propagate":
             h = x[index, -1:]
+            rope = self.dec.rope(h, where)
             for deeper in range(layer + 1, self.dec.layers):
-                k, v = self.dec.key_values(deeper, h, where)
+                k, v = self.dec.key_values(deeper, h, where, rope)
                 self.cache.k[deeper][slots[:, None], :, where] = k.transpose(1, 2)
                 self.cache.v[deeper][slots[:, None], :, where] = v.transpose(1, 2)
         elif self.strategy == "mask":
             self.cache.valid[layer + 1:, slots, where[:, 0]] = False
         else:
-            width = x.shape[1]
-            self.pending_h[slots, PENDING_CAP - width:] = x[index]
-            for position in np.flatnonzero(leaving):
-                i = rows[position]
-                seq = live[i]
+            self.pending_h[slots, PENDING_CAP - st.width:] = x[index]
+            for i in st.rows[leaving]:
+                seq = st.live[i]
                 for entry in seq.pending:
                     entry[1] = max(entry[1], layer)
-                seq.pending.append([int(col_pos) for col_pos in (seq.length, layer)])
+                seq.pending.append([seq.length, layer])
 
-    def _final(self, x, rows, live, col_reach, width, emitted, emitted_site, fb_conf, fb_agree,
-               feedback, on_token) -> None:
-        """Tokens of the rows that reached the last layer; feedback and catch-up checks."""
-        final = DeviceToHost(self.dec.head(x[:, -1]).argmax(-1)).wait()[0]
+    def _final(self, st: _Step, x: Tensor) -> None:
+        """Head inputs of the rows that reached the last layer, and (catch-up) of the pending
+        positions that ran with them, whose tokens verify the exits made there."""
+        st.head_in.append(x[:, -1])
+        st.head_use.append(("final", -1, st.rows))
+        if st.width == 1:
+            return
+        cols = [(p, j) for p, i in enumerate(st.rows) for j in range(st.width - 1)
+                if st.reach[i, j] != _NEVER]
+        if cols:
+            rows = torch.tensor([c[0] for c in cols], device=self.device)
+            columns = torch.tensor([c[1] for c in cols], device=self.device)
+            st.head_in.append(x[rows, columns])
+            st.head_use.append(("verify", -1, np.array([st.rows[p] for p, _ in cols])))
+            st.verify_pos = [st.live[st.rows[p]].pending[j - (st.width - 1 - len(
+                st.live[st.rows[p]].pending))][0] for p, j in cols]
+        for i in st.rows:
+            st.live[i].pending = []
+
+    def _tokens(self, st: _Step, on_token: OnToken | None) -> None:
+        """The step's one head call, then each sequence's token, feedback and verification."""
+        if not st.head_in:
+            return
+        tokens = DeviceToHost(self.dec.head(torch.cat(st.head_in)).argmax(-1)).wait()[0]
         now = time.perf_counter()
-        for position, i in enumerate(rows):
-            seq = live[i]
+        n = len(st.live)
+        site_token = np.full((n, len(self.ee.sites)), -1, dtype=np.int64)
+        final = np.full(n, -1, dtype=np.int64)
+        start = 0
+        for kind, site, rows in st.head_use:
+            values = tokens[start:start + rows.size]
+            start += rows.size
+            if kind == "site":
+                site_token[rows, site] = values
+            elif kind == "final":
+                final[rows] = values
+            else:
+                for i, pos, token in zip(rows, st.verify_pos, values):
+                    seq = st.live[i]
+                    k = pos + 1 - len(seq.prompt)  # the token emitted after position pos
+                    if 0 <= k < len(seq.out.tokens):
+                        seq.out.verified.append(bool(seq.out.tokens[k] == token))
+        names = [s.name for s in self.ee.sites]
+        for i, seq in enumerate(st.live):
             if seq.flush:
                 continue
-            if emitted[i] < 0:
-                emitted[i] = final[position]
-                self._emit(seq, int(final[position]), None, now, on_token)
-        marked = feedback[rows]
-        fb = rows[marked]
-        agree = fb_agree[fb] == final[marked][:, None]
-        fb_agree[fb] = np.where(fb_agree[fb] >= 0, agree, -1)
-        if width == 1:
-            return
-        cols = [(p, j) for p, i in enumerate(rows) for j in range(width - 1)
-                if col_reach[i, j] != _NEVER]
-        if not cols:
-            return
-        index_r = torch.tensor([c[0] for c in cols], device=self.device)
-        index_c = torch.tensor([c[1] for c in cols], device=self.device)
-        deep = DeviceToHost(self.dec.head(x[index_r, index_c]).argmax(-1)).wait()[0]
-        for (position, j), token in zip(cols, deep):
-            seq = live[rows[position]]
-            pos = seq.pending[j - (width - 1 - len(seq.pending))][0]
-            # the token emitted for position pos + 1 came from the exit at pos
-            k = pos + 1 - (len(seq.prompt))
-            if 0 <= k < len(seq.out.tokens):
-                seq.out.verified.append(bool(seq.out.tokens[k] == token))
-        for i in rows:
-            live[i].pending = []
+            site = st.exit_site[i]
+            if site >= 0:
+                self._emit(seq, int(site_token[i, site]), names[site], now, on_token)
+            else:
+                self._emit(seq, int(final[i]), None, now, on_token)
+        marked = np.flatnonzero(st.feedback)
+        if marked.size:
+            agree = site_token[marked] == final[marked][:, None]
+            self.feedback_rows.append((st.fb_conf[marked], agree))
 
     def take_feedback(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Feedback rows since the last call: confidences (n, S) (NaN where not evaluated) and
@@ -445,9 +490,9 @@ class Decoder:
         if not self.feedback_rows:
             return None
         conf = np.concatenate([c for c, _ in self.feedback_rows])
-        token = np.concatenate([t for _, t in self.feedback_rows])
+        agree = np.concatenate([a for _, a in self.feedback_rows])
         self.feedback_rows = []
-        return conf, token == 1
+        return conf, agree
 
 
     # -- lossless: draft with an early exit, verify with the full model ------------------------
@@ -470,23 +515,29 @@ class Decoder:
         span = int(max(s.length for s in live)) + k + 1
         token = torch.tensor([s.next_token for s in live], dtype=torch.int64, device=device)
         write = slot_idx[:, None]
+        draft_weight, draft_ids = self.lossless.head(device)
         states, drafts = [], []
         for j in range(k + 1):
             where = (base + j)[:, None]
             h = dec.embed(token[:, None], where)
+            rope, masks = dec.rope(h, where), {}
             for layer in range(top + 1):
                 h = dec.layer(layer, h, where, self._attend(layer, slot_idx, slots_host, where,
-                                                            write, span))
+                                                            write, span, masks), rope)
             states.append(h)
             if j < k:
-                token = self.ee.site_logits(site, h[:, 0]).argmax(-1)
+                adapted = h[:, 0] + self.ee.adapters[site](h[:, 0])
+                token = (dec.norm(adapted) @ draft_weight.t()).argmax(-1)
+                if draft_ids is not None:
+                    token = draft_ids[token]
                 drafts.append(token)
         x = torch.cat(states, dim=1)
         where = base[:, None] + torch.arange(k + 1, device=device)
         write = slot_idx[:, None].expand(-1, k + 1)
+        rope, masks = dec.rope(x, where), {}
         for layer in range(top + 1, dec.layers):
             x = dec.layer(layer, x, where, self._attend(layer, slot_idx, slots_host, where, write,
-                                                        span))
+                                                        span, masks), rope)
         verify = dec.head(x).argmax(-1)
         drafted = torch.stack(drafts, 1) if drafts else verify[:, :0]
         drafted_h, verify_h = DeviceToHost(drafted, verify).wait()
@@ -507,8 +558,9 @@ class Decoder:
 class _Lossless:
     """The draft site and length of the lossless mode, chosen to maximise the expected tokens
     per unit of work: a draft of k tokens at acceptance a gives (1 - a^(k+1)) / (1 - a) tokens
-    and costs k + 1 passes through the layers up to the site (plus k heads) and one pass of the
-    deeper layers over k + 1 positions, whose cost ``verify_cost`` was measured. a per site
+    and costs k + 1 passes through the layers up to the site (plus k draft heads, see
+    ``EEDecoder.draft_head``) and one pass of the deeper layers and the head over k + 1
+    positions, whose cost relative to one position was measured (``calibrate``). a per site
     starts at the adapter's training agreement and follows the acceptance measured here."""
 
     PRIOR_WEIGHT = 32
@@ -516,6 +568,7 @@ class _Lossless:
 
     def __init__(self, ee: EEDecoder):
         self.ee = ee
+        self._head: tuple[Tensor, Tensor | None] | None = None
         self.accepted = np.zeros(len(ee.sites))
         self.drafted = np.zeros(len(ee.sites))
         # Cost of one layer over m positions relative to one position, m = 1..MAX_DRAFT + 1,
@@ -523,7 +576,15 @@ class _Lossless:
         # the compute-bound case: m positions cost m).
         self.positions_cost = np.arange(1, self.MAX_DRAFT + 2, dtype=float)
         self.head_cost = 1.0
+        self.draft_head_cost = 1.0
         self._calibrated = False
+
+    def head(self, device) -> tuple[Tensor, Tensor | None]:
+        """The draft head's weight rows and token ids on ``device`` (``EEDecoder.draft_head``)."""
+        if self._head is None:
+            weight, ids = self.ee.draft_head()
+            self._head = (weight.to(device), None if ids is None else ids.to(device))
+        return self._head
 
     @property
     def uncalibrated(self) -> bool:
@@ -541,7 +602,7 @@ class _Lossless:
         layers = self.ee.decoder.layers
         shallow = self.ee.site_layers[site] + 1
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        cost = ((k + 1) * shallow + k * self.head_cost
+        cost = ((k + 1) * shallow + k * self.draft_head_cost
                 + (layers - shallow + self.head_cost) * self.positions_cost[k])
         return tokens / cost
 
@@ -567,8 +628,11 @@ class _Lossless:
             attend = dec.causal_attend(0, where)
             timings.append(_median_time(lambda: dec.layer(0, h, where, attend), repeats, device))
         head = _median_time(lambda: dec.head(h[:, :1]), repeats, device)
+        weight, _ = self.head(device)
+        draft = _median_time(lambda: (dec.norm(h[:, 0]) @ weight.t()).argmax(-1), repeats, device)
         self.positions_cost = np.maximum.accumulate(np.array(timings) / timings[0])
         self.head_cost = head / timings[0]
+        self.draft_head_cost = draft / timings[0]
         self._calibrated = True
 
 

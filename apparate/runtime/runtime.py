@@ -186,6 +186,18 @@ class Runtime:
             del event
         return results
 
+    def warm_up(self, prompts, max_new_tokens: int | Sequence[int] = 64, *, tokenizer=None
+                ) -> list[Generation]:
+        """Decode ``prompts`` (not the ones to serve) with every token a feedback row, so that
+        the controller's window fills before serving starts: feedback at the usual fraction
+        would need ten times the tokens. Exits the controller opens meanwhile take effect."""
+        decoder = self._decoder()
+        fraction, decoder.feedback_fraction = decoder.feedback_fraction, 1.0
+        try:
+            return self.generate(prompts, max_new_tokens, tokenizer=tokenizer)
+        finally:
+            decoder.feedback_fraction = fraction
+
     def stream(self, prompts, max_new_tokens: int | Sequence[int] = 128, *,
                kv_strategy: str | None = None, mode: str = "exits", tokenizer=None
                ) -> Iterator[tuple[int, int, str | None]]:
@@ -196,10 +208,7 @@ class Runtime:
 
     def _generate(self, prompts, max_new_tokens, kv_strategy, mode, on_token, tokenizer,
                   results: list[Generation]):
-        decoder = self.decoder
-        if decoder is None:
-            raise TypeError("generate() needs a runtime over a decoder LM "
-                            "(apparate.prepare(model, ids, task='generation'))")
+        decoder = self._decoder()
         if mode not in GENERATE_MODES:
             raise ValueError(f"mode must be one of {GENERATE_MODES}; got {mode!r}")
         strategy = decoder.strategy if kv_strategy is None else kv_strategy
@@ -236,6 +245,12 @@ class Runtime:
                 decoder.release_finished()
             yield from events
             events.clear()
+
+    def _decoder(self) -> Decoder:
+        if self.decoder is None:
+            raise TypeError("generate() needs a runtime over a decoder LM "
+                            "(apparate.prepare(model, ids, task='generation'))")
+        return self.decoder
 
     def control_step(self) -> None:
         """One controller decision on the current window, staged for the next batch (the

@@ -12,9 +12,9 @@ which model and data it serves and where they come from.
 
 from __future__ import annotations
 
-from apparate.demo.workloads._workload import Workload
+from apparate.demo.workloads._workload import GENERATIVE, Workload
 
-__all__ = ["WORKLOADS", "Workload", "load_workload"]
+__all__ = ["GENERATIVE", "WORKLOADS", "Workload", "load_workload"]
 
 WORKLOADS = ("nlp-sentiment", "cv-fashion", "cv-video")
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# The generative workload (a decoder LM and prompts, not a request stream):
+# ``apparate.demo.workloads.generation.load_generation_workload``.
+GENERATIVE = "gen-smollm2"
+
 
 @dataclass(frozen=True)
 class Workload:
