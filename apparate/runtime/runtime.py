@@ -5,6 +5,11 @@ unmodified model's.
     rt = apparate.Runtime(ee, accuracy_constraint=0.01, ramp_budget=0.02, mode="release")
     results = rt.infer(batch, on_release=lambda i, result: reply(i, result))
 
+Over a decoder LM (an ``EEDecoder``, ``prepare(..., task="generation")``) the runtime decodes
+instead (``generate``, ``stream``; ``apparate.runtime.generate``): every token is a feedback
+row, exited tokens always leave the step (compact), and the same controller tunes the per-site
+thresholds.
+
 The controller (threshold tuner + ramp adjuster, ``apparate.control.controller.Controller``)
 runs in a process of its own beside serving (``background=True``; see
 ``apparate.control.process`` for why not a thread) on the feedback rows each batch leaves in the
@@ -63,7 +68,11 @@ class Runtime:
     (default: ``profiles`` in ``$APPARATE_CACHE`` or ``~/.cache/apparate``); tuning_margin:
     thresholds are tuned to
     ``accuracy_constraint * tuning_margin`` on the window, while a violation is the constraint
-    itself broken on the latest ``adjust_every`` rows.
+    itself broken on the latest ``adjust_every`` rows. For a decoder LM: batch_size is the
+    number of sequences decoded at once (cache slots), max_length the positions each slot holds,
+    kv_strategy the default way to fill the KV entries of skipped layers ("catchup" |
+    "propagate" | "mask"); mode, example_inputs and profile_cache do not apply (the latency
+    model is measured on a decode step at start-up).
     """
 
     def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,

@@ -95,10 +95,10 @@ def load_generation_workload(progress: bool = True) -> GenerationWorkload:
     def train() -> dict:
         return _train_exits(model, prompts["train"], weights, progress)
 
-    def load():
+    def cached():
         return load(str(weights), model)
 
-    ee, record = _setup.cached_model(NAME, RECIPE, weights, train, load)
+    ee, record = _setup.cached_model(NAME, RECIPE, weights, train, cached)
     return GenerationWorkload(
         NAME, model, tokenizer, ee, prompts["warmup"], prompts["eval"], record,
         "SmolLM2-135M-Instruct (30 layers) replying to tweets; exits trained on its own replies "
