@@ -1,5 +1,5 @@
-"""The core without the demo extra: in a Python where transformers, matplotlib, cv2 and tqdm
-cannot be imported, apparate imports, prepares a small CNN, trains its ramps (with progress on
+"""The core without the demo extra: in a Python where its packages (transformers, matplotlib,
+cv2, tqdm, gguf, accelerate) cannot be imported, apparate imports, prepares a small CNN, trains its ramps (with progress on
 stderr) and serves it; the demo's parts say how to install what they miss."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCK_THE_EXTRA = textwrap.dedent("""
     import importlib.abc, importlib.machinery, sys
 
-    BLOCKED = {"transformers", "matplotlib", "cv2", "tqdm"}
+    BLOCKED = {"transformers", "matplotlib", "cv2", "tqdm", "gguf", "accelerate"}
 
     class _Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, name, path=None, target=None):

@@ -28,8 +28,9 @@ from apparate.runtime.runtime import Runtime
 
 NAME = GENERATIVE
 RECIPE = {
-    "version": 3,
+    "version": 4,
     "shuffle_seed": 0,
+    "distinct_prompts": True,
     "max_prompt_tokens": 112,
     "train_prompts": 96,
     "train_new_tokens": 96,
@@ -40,7 +41,8 @@ RECIPE = {
     "threads": 2,
 }
 # The recipe's entries that decide the training text (the others only how exits train on it).
-TEXT_RECIPE = ("shuffle_seed", "max_prompt_tokens", "train_prompts", "train_new_tokens")
+TEXT_RECIPE = ("shuffle_seed", "distinct_prompts", "max_prompt_tokens", "train_prompts",
+               "train_new_tokens")
 EXITS = "exits.safetensors"
 TEXT = "train_text.json"
 MAX_LENGTH = 512  # cache positions per slot: the longest prompt plus 128 new tokens and more
@@ -65,17 +67,19 @@ class GenerationWorkload:
 
 
 def split_prompts(tokenizer) -> dict[str, list[list[int]]]:
-    """The training, warm-up and evaluation prompts: one fixed shuffle of the tweets, those whose
-    prompt fits ``max_prompt_tokens`` taken in order."""
+    """The training, warm-up and evaluation prompts: one fixed shuffle of the tweets, the distinct
+    prompts that fit ``max_prompt_tokens`` taken in order."""
     from apparate.demo.data import load_sentiment_tweets, smollm2_prompts
 
     tweets = [text for text, _ in load_sentiment_tweets()]
     random.Random(RECIPE["shuffle_seed"]).shuffle(tweets)
     wanted = RECIPE["train_prompts"] + RECIPE["warmup_prompts"] + RECIPE["eval_prompts"]
     chosen: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()  # the corpus repeats tweets: each prompt is used once
     for start in range(0, len(tweets), 256):
         for ids in smollm2_prompts(tokenizer, tweets[start:start + 256]):
-            if len(ids) <= RECIPE["max_prompt_tokens"]:
+            if len(ids) <= RECIPE["max_prompt_tokens"] and tuple(ids) not in seen:
+                seen.add(tuple(ids))
                 chosen.append(ids)
         if len(chosen) >= wanted:
             break
