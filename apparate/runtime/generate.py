@@ -640,7 +640,8 @@ class _Lossless:
 def decode_latency(ee: EEDecoder, batch: int, device, repeats: int = 5) -> LatencyProfile:
     """The controller's latency model of a decode step at ``batch`` rows: one layer's time
     (measured, the same for every layer) times the layers of each segment between sites, the
-    head in the last segment, and the exit head's measured cost per site."""
+    head in the last segment, and the exit head's cost (measured on the first site's head:
+    every site's has the same shape)."""
     dec = ee.decoder
     h = torch.randn(batch, 1, dec.hidden, device=device)
     where = torch.zeros(batch, 1, dtype=torch.int64, device=device)
