@@ -2,6 +2,12 @@
 
 One row is one *feedback sample*: a classified input, or one generated token of a decoding
 request. Nothing here knows about requests, so a generator records one row per token.
+
+Rows carry what an unbiased estimate over *every* sample needs when only some are observed
+(compact mode keeps a random ``f`` of the rows running after they exit): ``weight``, the row's
+inverse propensity 1 / f (1 where every sample is observed), and ``skipped``, the unobserved
+samples served just before it. Over any stretch of rows, sum(weight * loss) / (rows + skipped)
+estimates the disagreement rate of all samples served (``apparate.control.guarantee``).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ class Feedback:
 
     confidence: (n, S) float64, NaN where a site's ramp was not evaluated (NaN never exits).
     agree: (n, S) bool, True where the site's ramp predicted what the final head predicted.
-    Both arrays are read-only.
+    weight: (n,) float64 inverse propensities (default 1); skipped: (n,) float64 unobserved
+    samples served before each row (default 0); see the module doc. All arrays are read-only.
     """
 
     confidence: np.ndarray
     agree: np.ndarray
+    weight: np.ndarray | None = None
+    skipped: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         agree_dtype = np.asarray(self.agree).dtype
@@ -35,10 +44,21 @@ class Feedback:
             raise ValueError(
                 f"confidence and agree: expected the same (n, S) shape, got "
                 f"{confidence.shape} and {agree.shape}")
-        confidence.setflags(write=False)
-        agree.setflags(write=False)
-        object.__setattr__(self, "confidence", confidence)
-        object.__setattr__(self, "agree", agree)
+        n = confidence.shape[0]
+        weight = np.ones(n) if self.weight is None else np.array(self.weight, dtype=np.float64)
+        skipped = (np.zeros(n) if self.skipped is None
+                   else np.array(self.skipped, dtype=np.float64))
+        if weight.shape != (n,) or skipped.shape != (n,):
+            raise ValueError(f"weight and skipped: expected ({n},) each, got {weight.shape} "
+                             f"and {skipped.shape}")
+        if not (np.isfinite(weight).all() and (weight >= 1).all()):
+            raise ValueError("weight: expected finite inverse propensities >= 1")
+        if not (np.isfinite(skipped).all() and (skipped >= 0).all()):
+            raise ValueError("skipped: expected finite counts >= 0")
+        for name, value in (("confidence", confidence), ("agree", agree), ("weight", weight),
+                            ("skipped", skipped)):
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
 
     @property
     def num_samples(self) -> int:
@@ -47,6 +67,17 @@ class Feedback:
     @property
     def num_sites(self) -> int:
         return int(self.confidence.shape[1])
+
+    @property
+    def num_served(self) -> float:
+        """Samples served over these rows: the rows and the unobserved samples among them."""
+        return self.num_samples + float(self.skipped.sum())
+
+    def rows(self, start: int | None = None, stop: int | None = None) -> "Feedback":
+        """The rows start:stop, with their weights and skip counts."""
+        part = slice(start, stop)
+        return Feedback(self.confidence[part], self.agree[part], self.weight[part],
+                        self.skipped[part])
 
 
 class FeedbackWindow:
@@ -59,8 +90,8 @@ class FeedbackWindow:
     it writes and how far it has written after: a reader takes only written rows, and drops
     those the writer may have overwritten while it copied them. The memory holds twice
     ``capacity`` rows, so that the writer's next rows land beside the ones a snapshot copies,
-    not on them. Layout: the two marks (int64), then the rows' S float32 confidences, then
-    their S agreement bytes.
+    not on them. Layout: the two marks (int64), then the rows' S float32 confidences, their S
+    agreement bytes, their float32 weights and their float32 skip counts.
     """
 
     def __init__(self, num_sites: int, capacity: int = 512, name: str | None = None) -> None:
@@ -72,7 +103,7 @@ class FeedbackWindow:
         self.capacity = capacity
         self._slots = 2 * capacity
         self.owner = name is None
-        size = 16 + self._slots * num_sites * 5
+        size = 16 + self._slots * (num_sites * 5 + 8)
         self._memory = shared_memory.SharedMemory(name=name, create=self.owner,
                                                   size=size if self.owner else 0)
         # Frees the memory when the window is dropped without ``close``; no views of it are
@@ -84,13 +115,18 @@ class FeedbackWindow:
         """What another process passes to attach to this window."""
         return self._memory.name
 
-    def _views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(started, written) marks, confidences (slots, S) and agreement (slots, S)."""
+    def _views(self) -> tuple[np.ndarray, ...]:
+        """(started, written) marks, confidences (slots, S), agreement (slots, S), weights
+        (slots,) and skip counts (slots,)."""
         buffer, shape = self._memory.buf, (self._slots, self.num_sites)
         marks = np.ndarray((2,), np.int64, buffer, 0)
         confidence = np.ndarray(shape, np.float32, buffer, 16)
-        agree = np.ndarray(shape, np.bool_, buffer, 16 + confidence.nbytes)
-        return marks, confidence, agree
+        offset = 16 + confidence.nbytes
+        agree = np.ndarray(shape, np.bool_, buffer, offset)
+        offset += agree.nbytes
+        weight = np.ndarray((self._slots,), np.float32, buffer, offset)
+        skipped = np.ndarray((self._slots,), np.float32, buffer, offset + weight.nbytes)
+        return marks, confidence, agree, weight, skipped
 
     def __len__(self) -> int:
         return min(self.total_recorded, self.capacity)
@@ -100,9 +136,11 @@ class FeedbackWindow:
         """Rows recorded since creation, including those the window has since dropped."""
         return int(self._views()[0][1])
 
-    def record(self, confidence: np.ndarray, agree: np.ndarray) -> None:
+    def record(self, confidence: np.ndarray, agree: np.ndarray, weight=None,
+               skipped=None) -> None:
         """Append rows. confidence: (N, S) float (NaN where a ramp was not evaluated);
-        agree: (N, S) bool. Host arrays (or CPU tensors); N may be 0 or exceed the capacity."""
+        agree: (N, S) bool; weight, skipped: (N,) (default 1 and 0; module doc). Host arrays
+        (or CPU tensors); N may be 0 or exceed the capacity."""
         conf = np.asarray(confidence, dtype=np.float32)
         agr = np.asarray(agree)
         if conf.ndim != 2 or conf.shape[1] != self.num_sites:
@@ -113,26 +151,34 @@ class FeedbackWindow:
         if agr.dtype != np.bool_:
             raise TypeError(f"agree: expected a bool array, got dtype {agr.dtype}")
         n = conf.shape[0]
+        wgt = np.ones(n, np.float32) if weight is None else np.asarray(weight, np.float32)
+        skp = np.zeros(n, np.float32) if skipped is None else np.asarray(skipped, np.float32)
+        if wgt.shape != (n,) or skp.shape != (n,):
+            raise ValueError(f"weight and skipped: expected ({n},) each, got {wgt.shape} and "
+                             f"{skp.shape}")
         if n > self.capacity:  # only the newest rows would be read
             conf, agr = conf[-self.capacity:], agr[-self.capacity:]
-        marks, confidences, agreements = self._views()
+            wgt, skp = wgt[-self.capacity:], skp[-self.capacity:]
+        marks, confidences, agreements, weights, skips = self._views()
         end = int(marks[1]) + n
         slots = np.arange(end - conf.shape[0], end) % self._slots
         marks[0] = end
         confidences[slots] = conf
         agreements[slots] = agr
+        weights[slots] = wgt
+        skips[slots] = skp
         marks[1] = end
 
     def snapshot(self, since: int = 0) -> Feedback:
         """A frozen copy of the latest rows, oldest first: the ``capacity`` newest (fewer while
         fewer have been recorded), without the first ``since`` rows ever recorded."""
-        marks, confidences, agreements = self._views()
+        marks, confidences, agreements, weights, skips = self._views()
         written = int(marks[1])
         first = max(since, written - self.capacity)
         slots = np.arange(first, written) % self._slots
-        confidence, agree = confidences[slots], agreements[slots]
+        copies = confidences[slots], agreements[slots], weights[slots], skips[slots]
         torn = max(0, int(marks[0]) - self._slots - first)  # rows overwritten while copied
-        return Feedback(confidence[torn:], agree[torn:])
+        return Feedback(*(c[torn:] for c in copies))
 
     def close(self) -> None:
         """Detach from the memory; the window that created it also frees it."""

@@ -17,9 +17,8 @@ def spread_over_latency(latency: LatencyProfile, count: int) -> tuple[int, ...]:
 
 def first_active(latency: LatencyProfile, ramp_budget: float) -> tuple[int, ...]:
     """The sites nearest to 1/3 and 2/3 of the model's latency, as many as ``ramp_budget``
-    allows, at most two: every ramp that exits is charged an unseen wrong answer by the tuner,
-    so a 1024-row window at a 1% constraint pays for few; the adjuster adds more when they all
-    pay off."""
+    allows, at most two: the error budget is shared by the ramps that exit, so few start; the
+    adjuster adds more when they all pay off."""
     for count in range(min(2, latency.num_sites), 0, -1):
         chosen = spread_over_latency(latency, count)
         if latency.ramp_overhead(chosen) <= ramp_budget:

@@ -19,9 +19,12 @@ Two cases the paper leaves open, decided here:
   only when no move that does change exits is feasible, and only for ramps that still have
   samples passing them with a finite confidence below the threshold (so thresholds do not drift
   down where the window says nothing);
-- a ``start`` that already breaks the constraint on this window (wrong answers plus
-  ``exit_prior`` per exiting ramp) is dropped for the safe point, so the returned thresholds
-  always meet the constraint on the window they were tuned on.
+- a ``start`` that already breaks the constraint on this window is dropped for the safe point,
+  so the returned thresholds always meet the constraint on the window they were tuned on.
+
+The search meets the constraint on the window it tuned on, not on the requests that follow (it
+stops each threshold just short of a wrong answer it saw): ``chain`` gives its path instead, from
+which ``apparate.control.guarantee`` picks a point with a guarantee.
 
 Thresholds in and out are (S,), one per candidate site (``policy``); the search itself runs on
 the active ramps' (A,).
@@ -57,10 +60,13 @@ class TuneRound:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """thresholds: (S,) tuned thresholds; rounds: the search, in order."""
+    """thresholds: (S,) tuned thresholds; rounds: the search, in order; chain: (K+1, S)
+    thresholds after each round that changed a sample's exit, from the start on (traced
+    searches only)."""
 
     thresholds: np.ndarray
     rounds: tuple[TuneRound, ...]
+    chain: np.ndarray | None = None
 
 
 def _min_correct(num_samples: int, accuracy_constraint: float) -> float:
@@ -89,31 +95,18 @@ class ThresholdTuner:
     """Tunes the thresholds of the active ramps on a feedback window.
 
     accuracy_constraint: largest allowed fraction of answers that differ from the unmodified
-    model's; initial_step, min_step: level units (fractions of the window's samples);
-    exit_prior: wrong answers charged to every ramp that lets samples exit, on top of those it
-    makes on the window. The search stops each threshold just short of a wrong answer it saw, so
-    the samples that come next fare worse than the window did; charging each exiting ramp one
-    unseen wrong answer (a Laplace-style correction) keeps that optimism in check;
-    min_exits: a closed ramp opens only with a move that makes at least this many window
-    samples exit there (a threshold resting on a handful of samples, such as a few frames of one
-    video scene, says little about the samples that come next).
+    model's; initial_step, min_step: level units (fractions of the window's samples).
     """
 
     profile: LatencyProfile
     accuracy_constraint: float = 0.01
     min_step: float = 1 / 512
     initial_step: float = 0.1
-    exit_prior: float = 1.0
-    min_exits: int = 16
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.accuracy_constraint < 1.0:
             raise ValueError(f"accuracy_constraint: expected a fraction in [0, 1), "
                              f"got {self.accuracy_constraint}")
-        if self.min_exits < 1:
-            raise ValueError(f"min_exits: expected >= 1, got {self.min_exits}")
-        if not self.exit_prior >= 0.0:
-            raise ValueError(f"exit_prior: expected >= 0, got {self.exit_prior}")
         if not 0.0 < self.min_step <= self.initial_step:
             raise ValueError(f"min_step, initial_step: expected 0 < min_step <= initial_step, "
                              f"got {self.min_step} and {self.initial_step}")
@@ -136,8 +129,14 @@ class ThresholdTuner:
 
     def tune_with_trace(self, feedback: Feedback, active: Sequence[int] | np.ndarray,
                         start: Sequence[float] | np.ndarray | None = None) -> TuneResult:
-        """As ``tune``, also returning every round of the search."""
+        """As ``tune``, also returning every round of the search and its chain."""
         return self._search(feedback, active, start, [])
+
+    def chain(self, feedback: Feedback, active: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(K+1, S) the search's path from "no exits" (row 0): the thresholds after every round
+        that made more of the window's samples exit. Each row lowers one ramp's threshold of the
+        row before it, so each exits a superset of its predecessor's samples (on any rows)."""
+        return self._search(feedback, active, None, []).chain
 
     def _search(self, feedback: Feedback, active: Sequence[int] | np.ndarray,
                 start: Sequence[float] | np.ndarray | None,
@@ -170,8 +169,7 @@ class ThresholdTuner:
 
         exit_pos = exit_site_per_sample(feedback, sites, per_site)  # (n,) in 0..A
         ok = agree[rows, exit_pos].astype(np.float64)  # float: it enters matrix products
-        exiting = np.unique(exit_pos[exit_pos < a]).size
-        ok_count = float(ok.sum()) - self.exit_prior * exiting
+        ok_count = float(ok.sum())
         if ok_count < need:
             t, start = safe.copy(), safe.copy()
             exit_pos = np.full(n, a, dtype=np.int64)
@@ -197,11 +195,8 @@ class ThresholdTuner:
             moved = in_move.sum(axis=1)
             gain = in_move @ lat - latency[:a] * moved
             d_ok = (in_move & agree_ramp).sum(axis=1) - in_move @ ok
-            opens = (moved > 0) & ~(exit_pos[None, :] == ramp_pos).any(axis=1)
-            d_ok = d_ok - self.exit_prior * opens
             candidate = has_room & (steps >= self.min_step)
-            feasible = (candidate & (moved > 0) & (ok_count + d_ok >= need)
-                        & (~opens | (moved >= self.min_exits)))
+            feasible = candidate & (moved > 0) & (ok_count + d_ok >= need)
             if feasible.any():
                 idx = np.flatnonzero(feasible)
                 ratio = -d_ok[idx] / np.maximum(gain[idx], _EPS)
@@ -225,7 +220,15 @@ class ThresholdTuner:
                 trace.append(TuneRound(kind, moved_ramps, t.copy(), steps.copy()))
         tuned = np.full(feedback.num_sites, SAFE_THRESHOLD)
         tuned[sites] = _thresholds(t, initial, ordered, start)
-        return TuneResult(tuned, tuple(trace or ()))
+        if trace is None:
+            return TuneResult(tuned, ())
+        chain = [per_site]
+        for step in trace:
+            if step.kind == "move":
+                row = np.full(feedback.num_sites, SAFE_THRESHOLD)
+                row[sites] = _thresholds(step.levels, initial, ordered, start)
+                chain.append(row)
+        return TuneResult(tuned, tuple(trace), np.stack(chain))
 
 
 def _thresholds(levels: np.ndarray, initial: np.ndarray, ordered: list[np.ndarray],

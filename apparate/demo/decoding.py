@@ -239,7 +239,7 @@ def run(setup: Setup, out: Path, *, batches=(1, 8), strategies=STRATEGIES, lossl
         if strategies:  # one runtime: its controller keeps adapting over every strategy's run
             rt = Runtime(setup.ee, batch_size=batch, max_length=setup.max_length,
                          accuracy_constraint=accuracy_constraint, background=False,
-                         device=setup.device, window=2048, min_feedback=512)
+                         device=setup.device, window=2048)
             say(f"batch {batch}: warming up the controller on {len(setup.warmup)} prompts")
             rt.warm_up(setup.warmup, warmup_tokens)
             configs += [Config("exits", strategy, runtime=rt) for strategy in strategies]

@@ -173,7 +173,8 @@ class Decoder:
                                      dtype=self.dec.embed_tokens.weight.dtype)
         self.free = list(range(slots))
         self.live: list[_Seq] = []
-        self.feedback_rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.feedback_rows: list[tuple[np.ndarray, ...]] = []
+        self._unobserved = 0  # unmarked tokens since the last marked one
         self.lossless = _Lossless(ee)
 
     def sequences(self, prompts, max_new_tokens, tokenizer=None) -> list[_Seq]:
@@ -480,19 +481,25 @@ class Decoder:
             else:
                 self._emit(seq, int(final[i]), None, now, on_token)
         marked = np.flatnonzero(st.feedback)
+        # Tokens that were not marked are unobserved samples: counted before the next marked
+        # row (``FeedbackWindow``'s skip counts), each marked row weighing 1 / f.
+        self._unobserved += int((~st.feedback).sum() - sum(seq.flush for seq in st.live))
         if marked.size:
             agree = site_token[marked] == final[marked][:, None]
-            self.feedback_rows.append((st.fb_conf[marked], agree))
+            skipped = np.zeros(marked.size)
+            skipped[0], self._unobserved = self._unobserved, 0
+            weight = np.full(marked.size, 1.0 / self.feedback_fraction)
+            self.feedback_rows.append((st.fb_conf[marked], agree, weight, skipped))
 
-    def take_feedback(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Feedback rows since the last call: confidences (n, S) (NaN where not evaluated) and
-        agreement (n, S) bool."""
+    def take_feedback(self) -> tuple[np.ndarray, ...] | None:
+        """Feedback rows since the last call: confidences (n, S) (NaN where not evaluated),
+        agreement (n, S) bool, inverse propensities (n,) and unobserved tokens before each row
+        (n,), as ``FeedbackWindow.record`` takes them."""
         if not self.feedback_rows:
             return None
-        conf = np.concatenate([c for c, _ in self.feedback_rows])
-        agree = np.concatenate([a for _, a in self.feedback_rows])
+        columns = [np.concatenate(c) for c in zip(*self.feedback_rows)]
         self.feedback_rows = []
-        return conf, agree
+        return tuple(columns)
 
 
     # -- lossless: draft with an early exit, verify with the full model ------------------------

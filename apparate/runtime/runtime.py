@@ -23,6 +23,9 @@ does.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,12 +34,15 @@ import torch
 
 from apparate.control.controller import ConfigChange, Controller, ControllerConfig
 from apparate.control.feedback import FeedbackWindow
+from apparate.control.guarantee import GUARANTEES
 from apparate.control.process import ControllerProcess
+from apparate.models.ee_decoder import EEDecoder
 from apparate.models.ee_model import EEModel
 from apparate.runtime import profiler
 from apparate.runtime.forward import MODES, BatchOutcome, EarlyExitForward, Release
 from apparate.runtime.generate import (GENERATE_MODES, STRATEGIES, Decoder, Generation, OnToken,
                                        decode_latency)
+from apparate.runtime.record import RequestLog
 
 log = logging.getLogger("apparate")
 
@@ -57,42 +63,67 @@ class Result:
 class Runtime:
     """Early-exit serving of ``ee`` with online adaptation (see the module doc).
 
-    ramp_budget: the largest extra latency a non-exiting sample may pay for ramps, as a fraction
-    of the unmodified model's; window: feedback rows the tuner sees; adjust_every: feedback rows
-    between ramp-set decisions; batch_size: the batch size the latency profile is taken at
-    (the typical batch of the serving loop); background: run the controller in its own process
-    (else in the serving thread, after each batch); min_feedback: feedback rows needed before
-    any ramp may exit (default: 128 in release mode; half the window in compact mode, where once
-    exits start only ``feedback_fraction`` of the rows still give feedback, so the window must
-    hold enough rows before then); profile_cache: the folder that keeps latency profiles
-    (default: ``profiles`` in ``$APPARATE_CACHE`` or ``~/.cache/apparate``); tuning_margin:
-    thresholds are tuned to
-    ``accuracy_constraint * tuning_margin`` on the window, while a violation is the constraint
-    itself broken on the latest ``adjust_every`` rows. For a decoder LM: batch_size is the
-    number of sequences decoded at once (cache slots), max_length the positions each slot holds,
-    kv_strategy the default way to fill the KV entries of skipped layers ("catchup" |
-    "propagate" | "mask"); mode, example_inputs and profile_cache do not apply (the latency
-    model is measured on a decode step at start-up).
+    accuracy_constraint: epsilon, the largest fraction of answers that may differ from the
+    unmodified model's; guarantee: how thresholds are chosen (``apparate.control.guarantee``):
+    "guarded" (default: an online controller whose disagreement over any W consecutive
+    requests is bounded, for any stream), "certified" (tested on held-out feedback: the chosen
+    configuration's disagreement exceeds epsilon with probability <= delta per certification, on
+    a stationary stream) or "empirical" (the paper's search, no guarantee); delta: the certified
+    mode's error probability. ramp_budget: the largest extra latency a non-exiting sample may
+    pay for ramps, as a fraction of the unmodified model's; window: feedback rows the
+    controller sees; adjust_every: feedback rows between ramp-set decisions (and chain
+    rebuilds, certifications); batch_size: the batch size the latency profile is taken at (the
+    typical batch of the serving loop); background: run the controller in its own process (else
+    in the serving thread, after each batch); warm_start: seed the window with the ramps'
+    calibration rows (``train_ramps(calibration=...)``: inputs the ramps never fit), so that
+    certified exits apply from the first request; log_dir: write the per-request record there
+    (``apparate.runtime.record``; ``apparate report DIR`` checks it); profile_cache: the folder
+    that keeps latency profiles (default: ``profiles`` in ``$APPARATE_CACHE`` or
+    ``~/.cache/apparate``). For a decoder LM: batch_size is the number of sequences decoded at
+    once (cache slots), max_length the positions each slot holds, kv_strategy the default way to
+    fill the KV entries of skipped layers ("catchup" | "propagate" | "mask"); mode,
+    example_inputs and profile_cache do not apply (the latency model is measured on a decode
+    step at start-up).
     """
 
     def __init__(self, ee: EEModel, *, accuracy_constraint: float = 0.01,
                  ramp_budget: float = 0.02, mode: str = "release", feedback_fraction: float = 0.1,
                  device: str | torch.device | None = None, window: int = 1024,
                  adjust_every: int = 128, batch_size: int = 16, example_inputs=None,
-                 profile_cache=None, background: bool = True, min_feedback: int | None = None,
-                 tuning_margin: float = 0.25, seed: int = 0, max_length: int = 512,
-                 kv_strategy: str = "catchup"):
-        if not 0 < accuracy_constraint < 1:
-            raise ValueError(f"accuracy_constraint must be in (0, 1); got {accuracy_constraint!r}")
+                 profile_cache=None, background: bool = True, guarantee: str = "guarded",
+                 delta: float = 0.1, warm_start: bool = True, log_dir=None, seed: int = 0,
+                 max_length: int = 512, kv_strategy: str = "catchup"):
+        _check_fraction("accuracy_constraint", accuracy_constraint, open_low=True)
+        _check_fraction("feedback_fraction", feedback_fraction, open_low=False, closed_high=True)
+        if not (_is_number(ramp_budget) and math.isfinite(ramp_budget) and ramp_budget >= 0):
+            raise ValueError(f"ramp_budget must be a finite number >= 0; got {ramp_budget!r}")
+        for name, value in (("window", window), ("adjust_every", adjust_every),
+                            ("max_length", max_length)):
+            if not (_is_number(value) and float(value).is_integer() and value >= 1):
+                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
+        # A typical batch size may be fractional (a median of batch sizes).
+        if not (_is_number(batch_size) and math.isfinite(batch_size) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a number >= 1; got {batch_size!r}")
+        if guarantee not in GUARANTEES:
+            raise ValueError(f"guarantee must be one of {GUARANTEES}; got {guarantee!r}")
+        if not isinstance(ee, (EEModel, EEDecoder)):
+            raise TypeError(f"ee must be an EEModel or EEDecoder (apparate.prepare(model, "
+                            f"example_inputs) and train_ramps); got {type(ee).__name__}")
+        if not getattr(ee, "trained", True):
+            warnings.warn("these ramps were never trained (call ee.train_ramps(inputs) or load "
+                          "trained ones): they will rarely agree with the model, so exits stay "
+                          "closed", UserWarning, stacklevel=2)
         self.ee = ee
-        self.device = torch.device(device or "cpu")
+        self.device = _device(device)
+        self.guarantee = guarantee
+        self.accuracy_constraint = float(accuracy_constraint)
         self.decoder: Decoder | None = None
         self.forward: EarlyExitForward | None = None
         if getattr(ee, "task", "classification") == "generation":
-            self.decoder = Decoder(ee, slots=batch_size, max_length=max_length,
+            self.decoder = Decoder(ee, slots=int(batch_size), max_length=int(max_length),
                                    kv_strategy=kv_strategy, feedback_fraction=feedback_fraction,
                                    device=self.device, seed=seed)
-            self.latency = decode_latency(ee, batch_size, self.device)
+            self.latency = decode_latency(ee, int(batch_size), self.device)
             mode = "compact"  # exited tokens always leave the step
         else:
             if mode not in MODES:
@@ -102,19 +133,36 @@ class Runtime:
             self.forward = EarlyExitForward(ee, mode=mode, feedback_fraction=feedback_fraction,
                                             device=self.device, seed=seed)
             example = ee.input_spec.check(example_inputs)
+            if example[0].shape[0] == 0:
+                raise ValueError("example_inputs: expected at least one example (batch size 0)")
             self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
             self.latency = self.profile.at(batch_size)
-        if min_feedback is None:
-            min_feedback = window // 2 if mode == "compact" else 128
+        self.mode = mode
         self.history: list[ConfigChange] = []
         self._staged: list[ConfigChange] = []
+        self._closed = False
+        self._lost_controller: ConfigChange | None = None  # last change while not running
+        self.callback_errors = 0  # on_release calls that raised (logged; serving went on)
+        self._unobserved = 0  # compact mode: unmarked requests since the last feedback row
         config = ControllerConfig(
             latency=self.latency, num_sites=len(ee.sites),
-            accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget, window=window,
-            adjust_every=adjust_every, min_feedback=min_feedback, tuning_margin=tuning_margin)
+            accuracy_constraint=float(accuracy_constraint), ramp_budget=float(ramp_budget),
+            window=int(window), adjust_every=int(adjust_every), guarantee=guarantee,
+            delta=float(delta))
         # Written here after each batch, read by the controller; None once a background
         # runtime is closed.
         self._window: FeedbackWindow | None = FeedbackWindow(config.num_sites, config.window)
+        calibration = getattr(ee, "calibration", None)
+        self.warm_rows = 0
+        if warm_start and calibration is not None and calibration.num_samples:
+            self._window.record(calibration.confidence, calibration.agree)
+            self.warm_rows = calibration.num_samples
+        self.log: RequestLog | None = None
+        if log_dir is not None:
+            self.log = RequestLog(log_dir, {
+                "accuracy_constraint": float(accuracy_constraint), "guarantee": guarantee,
+                "delta": float(delta), "mode": mode, "feedback_fraction": feedback_fraction,
+                "sites": [site.name for site in ee.sites], "warm_rows": self.warm_rows})
         # In the serving thread (background=False) or in its own process.
         self.controller = None if background else Controller(config, self._window)
         self._process = ControllerProcess(config, self._window) if background else None
@@ -132,7 +180,8 @@ class Runtime:
         """
         if self.forward is None:
             raise TypeError("this runtime serves a decoder LM: use generate() or stream()")
-        inputs = self.ee.input_spec.check(batch)
+        self._check_open()
+        inputs = self.ee.input_spec.check(_as_tensors(batch))
         names = [s.name for s in self.ee.sites]
         callback = None
         if on_release is not None:
@@ -141,8 +190,13 @@ class Runtime:
                 for row, prediction, confidence in zip(release.rows.tolist(),
                                                        release.predictions.tolist(),
                                                        release.confidences.tolist()):
-                    on_release(row, Result(int(prediction), site, float(confidence),
-                                           float(release.time)))
+                    try:
+                        on_release(row, Result(int(prediction), site, float(confidence),
+                                               float(release.time)))
+                    except Exception:  # noqa: BLE001 - the other answers must still go out
+                        self.callback_errors += 1
+                        log.exception("apparate: on_release raised for sample %d; the batch's "
+                                      "other answers are still delivered", row)
         outcome = self.forward_batch(inputs, callback)
         return [
             Result(int(p), names[s] if s >= 0 else None, float(c), float(t))
@@ -154,26 +208,44 @@ class Runtime:
         """Answer one batch of flat, checked inputs (``ee.input_spec.check``) with batched
         release callbacks ``on_release(Release)`` (see ``forward.ReleaseCallback``); the serving
         loop's entry point."""
+        self._check_open()
         inputs = tuple(t.to(self.device) for t in inputs)
         self._apply_staged()
         could_exit = bool(self.forward.active - self.forward.closed)
         outcome = self.forward(*inputs, on_release=on_release)
         if self._window is not None:
             self._window.record(*self._feedback_rows(outcome, could_exit))
+        if self.log is not None:
+            self._log_batch(outcome)
         if self.controller is not None and self.controller.due():
             self.control_step()
         return outcome
 
-    @staticmethod
-    def _feedback_rows(outcome: BatchOutcome, could_exit: bool) -> tuple[np.ndarray, np.ndarray]:
-        """A batch's feedback rows: every evaluated ramp's confidence (NaN where not evaluated)
-        and whether it agreed with the final head, (n, S) each."""
+    def _feedback_rows(self, outcome: BatchOutcome, could_exit: bool) -> tuple[np.ndarray, ...]:
+        """A batch's feedback rows: every evaluated ramp's confidence (NaN where not evaluated),
+        whether it agreed with the final head, (n, S) each, and each row's inverse propensity
+        and the unobserved requests before it (``FeedbackWindow.record``)."""
         # While nothing can exit, every row reaches the final head whatever its confidence, so
         # all of them are an unbiased sample, in compact mode too.
-        rows = outcome.feedback if could_exit else outcome.final_prediction >= 0
+        sampled = self.mode == "compact" and could_exit
+        rows = outcome.feedback if sampled else outcome.final_prediction >= 0
         final = outcome.final_prediction[rows]
-        return (outcome.site_confidence[rows],
-                outcome.site_prediction[rows] == final[:, None])
+        n = int(rows.sum())
+        weight = np.full(n, 1.0 / self.forward.feedback_fraction if sampled else 1.0)
+        skipped = np.zeros(n)
+        self._unobserved += int(rows.size - n)
+        if n:
+            skipped[0], self._unobserved = self._unobserved, 0
+        return (outcome.site_confidence[rows], outcome.site_prediction[rows] == final[:, None],
+                weight, skipped)
+
+    def _log_batch(self, outcome: BatchOutcome) -> None:
+        exited = outcome.exit_site >= 0
+        observed = outcome.final_prediction >= 0
+        propensity = np.where(exited & (self.mode == "compact"),
+                              self.forward.feedback_fraction, 1.0)
+        disagreed = observed & exited & (outcome.prediction != outcome.final_prediction)
+        self.log.record(outcome.release_time, outcome.exit_site, propensity, observed, disagreed)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -218,6 +290,7 @@ class Runtime:
     def _generate(self, prompts, max_new_tokens, kv_strategy, mode, on_token, tokenizer,
                   results: list[Generation]):
         decoder = self._decoder()
+        self._check_open()
         if mode not in GENERATE_MODES:
             raise ValueError(f"mode must be one of {GENERATE_MODES}; got {mode!r}")
         strategy = decoder.strategy if kv_strategy is None else kv_strategy
@@ -268,32 +341,119 @@ class Runtime:
         if change is not None:
             self._staged.append(change)
 
+    @property
+    def controller_health(self) -> str:
+        """"in-thread" (background=False), "closed", or the controller process's
+        ``ControllerProcess.health()``: "running", "wedged" (no heartbeat for 2 s) or "dead".
+        While it is not running, the runtime serves no exits (the one configuration that is
+        safe without feedback) and goes back to the controller's when it runs again."""
+        if self._closed:
+            return "closed"
+        return "in-thread" if self._process is None else self._process.health()
+
+    def restart_controller(self) -> None:
+        """Replace the controller process (killed, wedged, or on purpose): the new one starts
+        on the same feedback window from its first configuration, which exits no more than a
+        fresh runtime's."""
+        self._check_open()
+        if self._process is None:
+            raise RuntimeError("this runtime's controller runs in the serving thread "
+                               "(background=False): there is no process to restart")
+        self._staged = [self._process.restart()]
+        self._lost_controller = None
+
     def _apply_staged(self) -> None:
         if self._process is not None:
             self._staged += self._process.changes()
+            self._watch_controller()
         staged, self._staged = self._staged, []
         for change in staged:
             log.info("apparate: %s -> active %s thresholds %s", change.reason, change.active,
                      np.round(change.thresholds, 3).tolist())
             self._apply(change)
 
+    def _watch_controller(self) -> None:
+        """Serve no exits while the controller process is not running; its configuration again
+        once it runs."""
+        health = self._process.health()
+        if health != "running" and self._lost_controller is None:
+            self._lost_controller = self.history[-1]
+            log.error("apparate: the controller process is %s: serving without exits until it "
+                      "runs again (Runtime.restart_controller replaces it)", health)
+            self._staged.append(ConfigChange(self._lost_controller.active,
+                                             np.full(len(self.ee.sites), np.inf),
+                                             f"controller {health}: no exits"))
+        elif health == "running" and self._lost_controller is not None:
+            last, self._lost_controller = self._lost_controller, None
+            if not self._staged:
+                self._staged.append(ConfigChange(last.active, last.thresholds,
+                                                 "controller running again"))
+
     def _apply(self, change: ConfigChange) -> None:
         """Serve a configuration from the next batch on (serving thread, between batches)."""
+        if self._lost_controller is not None and not change.reason.startswith("controller "):
+            self._lost_controller = change  # resumes with the newest once the process runs
+            return
         (self.forward or self.decoder).configure(change.active, change.thresholds)
         self.history.append(change)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Runtime is closed: build a new one to serve again")
+
     def close(self) -> None:
-        """Stop the controller process and free the feedback window (serving may go on with
-        the last configuration)."""
+        """Stop the controller process, free the feedback window and close the request log;
+        the runtime serves nothing after this (RuntimeError). Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._process is not None:
-            self._staged += self._process.close()
+            self._process.close()
             self._process = None
+        if self._window is not None:
             self._window.close()
             self._window = None
-            self._apply_staged()
+        if self.log is not None:
+            self.log.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_fraction(name: str, value, *, open_low: bool, closed_high: bool = False) -> None:
+    ok = _is_number(value) and math.isfinite(value) and (value > 0 if open_low else value >= 0) \
+        and (value <= 1 if closed_high else value < 1)
+    if not ok:
+        interval = f"{'(' if open_low else '['}0, 1{']' if closed_high else ')'}"
+        raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
+
+
+def _device(device) -> torch.device:
+    try:
+        chosen = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {error}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: no CUDA GPU is available here (torch "
+                         f"{torch.__version__}); use device='cpu'")
+    return chosen
+
+
+def _as_tensors(batch):
+    """Refuse what is not a tensor, a tuple/list of tensors or a dict of tensors, by name."""
+    parts = batch.values() if isinstance(batch, dict) else (
+        batch if isinstance(batch, (tuple, list)) else [batch])
+    for part in parts:
+        if not isinstance(part, torch.Tensor):
+            raise TypeError(f"batch: expected a tensor, a tuple of tensors or a dict of tensors "
+                            f"(batch first); got {type(part).__module__}.{type(part).__name__}"
+                            + (": wrap it with torch.from_numpy" if type(part).__module__ ==
+                               "numpy" else ""))
+    return batch

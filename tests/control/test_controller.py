@@ -12,12 +12,12 @@ from apparate.control.policy import SAFE_THRESHOLD
 from tests.control.synthetic import uniform_profile
 
 
-def lenient_config(window: int = 64) -> ControllerConfig:
+def lenient_config(window: int = 64, guarantee: str = "empirical") -> ControllerConfig:
     """Four sites (two ramps fit the budget) and a constraint loose enough that a small window
     of agreeing rows opens a ramp."""
     return ControllerConfig(latency=uniform_profile(4), num_sites=4, accuracy_constraint=0.2,
-                            ramp_budget=0.02, window=window, adjust_every=128, min_feedback=32,
-                            tuning_margin=1.0)
+                            ramp_budget=0.02, window=window, adjust_every=128,
+                            guarantee=guarantee)
 
 
 def agreeing_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,16 +43,14 @@ def test_the_controller_starts_with_its_first_active_set_closed():
     assert first.thresholds.shape == (4,) and (first.thresholds == SAFE_THRESHOLD).all()
 
 
-def test_steps_are_due_at_every_batch_until_tuned_then_every_control_every_rows():
+def test_empirical_steps_are_due_at_every_batch_until_tuned_then_every_control_every_rows():
     config = lenient_config()
     window = FeedbackWindow(4, config.window)
     controller = Controller(config, window)
     assert not controller.due()  # no rows yet
     window.record(*agreeing_rows(1))
-    assert controller.due() and controller.step() is None  # too few rows to tune on
-    window.record(*agreeing_rows(1))
     assert controller.due()
-    window.record(*agreeing_rows(40))
+    window.record(*agreeing_rows(41))
     assert controller.due()
     tuned = controller.step()
     assert tuned.reason == "tuned" and tuned.active == (1, 2)

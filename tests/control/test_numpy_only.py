@@ -35,12 +35,13 @@ from apparate.control.latency import LatencyProfile
 
 config = ControllerConfig(latency=LatencyProfile((1.0,) * 5, (0.01,) * 4), num_sites=4,
                           accuracy_constraint=0.2, ramp_budget=0.02, window=64,
-                          adjust_every=128, min_feedback=32, tuning_margin=1.0)
+                          adjust_every=128)
 window = FeedbackWindow(4, 64)
 controller = Controller(config, window)
 assert controller.start().active == (1, 2)
 window.record(np.full((48, 4), 0.9), np.ones((48, 4), dtype=bool))
-assert controller.due() and controller.step().reason == "tuned"
+change = controller.due() and controller.step()
+assert change and np.isfinite(change.thresholds).any(), change
 window.close()
 assert "torch" not in sys.modules
 print("ok")

@@ -25,7 +25,7 @@ def ramp0_right_above_080(n_right: int = 200, n_wrong: int = 300) -> Feedback:
 
 def test_tuner_settles_at_the_known_threshold():
     fb = ramp0_right_above_080()
-    tuner = ThresholdTuner(uniform_profile(2), accuracy_constraint=0.0, exit_prior=0.0)
+    tuner = ThresholdTuner(uniform_profile(2), accuracy_constraint=0.0)
     t = tuner.tune(fb, [0, 1])
     assert 0.8 < t[0] < 0.803  # at the lowest confidences of right answers, to a step
     assert t[1] == SAFE_THRESHOLD  # every exit there would be wrong
@@ -40,24 +40,8 @@ def test_tuner_resolves_confidences_packed_near_one():
     conf = np.sort(1.0 - 10.0 ** rng.uniform(-9, -3, 1000))[::-1]
     agree = np.arange(1000) < 800
     fb = Feedback(conf[:, None], agree[:, None])
-    t = ThresholdTuner(uniform_profile(1), exit_prior=0.0).tune(fb, [0])
+    t = ThresholdTuner(uniform_profile(1)).tune(fb, [0])
     assert evaluate(fb, [0], t, uniform_profile(1)).exit_fraction[0] >= 0.8 - 1 / 512
-
-
-def test_exit_prior_charges_each_exiting_ramp_one_unseen_wrong_answer():
-    # 50 samples, all right at both ramps; a 1% constraint allows 0.5 wrong answers.
-    fb = Feedback(np.full((50, 2), 0.9), np.ones((50, 2), dtype=bool))
-    assert (ThresholdTuner(uniform_profile(2), exit_prior=1.0).tune(fb, [0, 1])
-            == SAFE_THRESHOLD).all()
-    assert ThresholdTuner(uniform_profile(2), exit_prior=0.0).tune(fb, [0, 1])[0] <= 0.9
-    # 1000 samples allow 10: one ramp (the cheaper in latency, the shallow one) opens and takes
-    # everyone; the deeper one, with nothing left to gain, stays closed.
-    fb = Feedback(np.full((1000, 2), 0.9), np.ones((1000, 2), dtype=bool))
-    t = ThresholdTuner(uniform_profile(2), exit_prior=1.0).tune(fb, [0, 1])
-    assert t[0] <= 0.9 and t[1] == SAFE_THRESHOLD
-    # With a start that already exits at both ramps, the prior is charged for both.
-    tuner = ThresholdTuner(uniform_profile(2), accuracy_constraint=0.0015, exit_prior=1.0)
-    assert (tuner.tune(fb, [0, 1], start=[0.95, 0.5]) <= 0.9).sum() == 1
 
 
 def test_tuner_spends_the_accuracy_budget_and_no_more():
@@ -121,7 +105,7 @@ def test_tuner_prefers_the_cheapest_accuracy_per_millisecond():
 
 
 def test_tuner_steps_double_on_success_and_halve_when_stuck():
-    tuner = ThresholdTuner(uniform_profile(2), min_step=0.01, initial_step=0.1, exit_prior=0.0)
+    tuner = ThresholdTuner(uniform_profile(2), min_step=0.01, initial_step=0.1)
     fb = ramp0_right_above_080()
     result = tuner.tune_with_trace(fb, [0, 1])
     steps = np.full(2, tuner.initial_step)
@@ -149,32 +133,17 @@ def test_tuner_crosses_gaps_in_confidence():
     # step changes nothing on the window, yet the tuner must keep going until everyone exits.
     conf = np.repeat([0.9, 0.2], 50)[:, None]
     fb = Feedback(conf, np.ones((100, 1), dtype=bool))
-    result = ThresholdTuner(uniform_profile(1), exit_prior=0.0).tune_with_trace(fb, [0])
+    result = ThresholdTuner(uniform_profile(1)).tune_with_trace(fb, [0])
     kinds = [r.kind for r in result.rounds]
     assert kinds[0] == "move" and "gap" in kinds
     assert result.thresholds[0] <= 0.2
-
-
-def test_a_ramp_opens_only_on_enough_exits():
-    # Ramp 0: 10 confident right answers above 200 unsure wrong ones; ramp 1: 40 confident right.
-    conf = np.zeros((240, 2))
-    agree = np.zeros((240, 2), dtype=bool)
-    conf[:10, 0], agree[:10, 0] = 0.99, True
-    conf[10:210, 0] = np.linspace(0.1, 0.5, 200)
-    conf[:40, 1], agree[:40, 1] = 0.95, True
-    fb = Feedback(conf, agree)
-    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0, min_exits=16).tune(fb, [0, 1])
-    assert t[0] == SAFE_THRESHOLD, "10 exits are too few to open ramp 0"
-    assert t[1] <= 0.95
-    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0, min_exits=8).tune(fb, [0, 1])
-    assert t[0] <= 0.99, "with min_exits=8 the same 10 exits open it"
 
 
 def test_tuner_leaves_ramps_nothing_reaches_alone():
     # Ramp 0 takes every sample, so the window says nothing about ramp 1: it stays safe.
     conf = np.full((50, 2), 0.9)
     fb = Feedback(conf, np.ones((50, 2), dtype=bool))
-    t = ThresholdTuner(uniform_profile(2), exit_prior=0.0).tune(fb, [0, 1])
+    t = ThresholdTuner(uniform_profile(2)).tune(fb, [0, 1])
     assert t[0] <= 0.9 and t[1] == SAFE_THRESHOLD
 
 
@@ -201,8 +170,7 @@ def greedy_reference(tuner: ThresholdTuner, fb: Feedback, active: list[int]) -> 
     def replay(th: np.ndarray) -> tuple[np.ndarray, float, float]:
         out = evaluate(fb, active, per_site(fb.num_sites, active, th), profile)
         exits = exit_site_per_sample(fb, active, per_site(fb.num_sites, active, th))
-        charged = tuner.exit_prior * np.unique(exits[exits < a]).size
-        return exits, out.accuracy * n - charged, out.mean_latency_ms * n
+        return exits, out.accuracy * n, out.mean_latency_ms * n
 
     while (steps >= tuner.min_step).any():
         exits, ok, lat = replay(t)
@@ -217,11 +185,9 @@ def greedy_reference(tuner: ThresholdTuner, fb: Feedback, active: list[int]) -> 
             moved = t.copy()
             moved[i] = max(min(t[i], 1.0) - steps[i], 0.0)
             exits2, ok2, lat2 = replay(moved)
-            opening = not (exits == i).any()
-            newcomers = int(((exits2 == i) & (exits != i)).sum())
             if (exits2 == exits).all():
                 gaps.append(i)
-            elif ok2 >= need - 1e-6 and not (opening and newcomers < tuner.min_exits):
+            elif ok2 >= need - 1e-6:
                 gain, loss = lat - lat2, ok - ok2
                 key = (round(loss / max(gain, 1e-9), 9), -round(gain, 9), i)
                 if best is None or key < best[0]:

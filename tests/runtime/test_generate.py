@@ -59,7 +59,7 @@ def open_exits(rt, thresholds=(0.55, np.inf, 0.55, np.inf)):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_with_exits_closed_the_output_is_the_models(trained, strategy):
     _, ee, expected = trained
-    rt = runtime(ee, kv_strategy=strategy)
+    rt = runtime(ee, kv_strategy=strategy, ramp_budget=0.0)  # no ramp fits: exits stay closed
     joined = []
     results = rt.generate(prompts(), NEW, on_token=lambda i, t, s: joined.append(i))
     assert [r.tokens for r in results] == expected
@@ -176,8 +176,8 @@ def test_stream_and_callbacks_see_every_token(trained):
 def test_feedback_rows_reach_the_controller(trained):
     _, ee, _ = trained
     # A loose constraint, so that the controller has something to open on a random model.
-    rt = runtime(ee, feedback_fraction=1.0, min_feedback=160, window=256,
-                 accuracy_constraint=0.5, tuning_margin=1.0)
+    rt = runtime(ee, feedback_fraction=1.0, window=256, accuracy_constraint=0.5,
+                 guarantee="empirical")
     results = rt.generate(prompts(), 30)
     decode_tokens = sum(len(r.tokens) - 1 for r in results)  # the first comes from prefill
     window = rt._window.snapshot()

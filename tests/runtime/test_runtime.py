@@ -82,8 +82,8 @@ def test_bad_arguments(setup, kwargs, match):
 def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path):
     ee, stream, _ = setup
     rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
-                          profile_cache=tmp_path, background=False, window=1024, min_feedback=32,
-                          tuning_margin=0.5)
+                          profile_cache=tmp_path, background=False, window=1024,
+                          guarantee="empirical")
     controller = rt.controller
     sites = len(ee.sites)
     controller.active, controller.thresholds = (0, 2), per_site(sites, (0, 2), [0.5, 0.5])
@@ -120,7 +120,7 @@ def test_repeated_violations_zero_the_offending_ramp_then_retune(setup, tmp_path
 def test_background_controller_runs_in_its_own_process(setup, tmp_path):
     ee, stream, _ = setup
     rt = apparate.Runtime(ee, ramp_budget=0.5, example_inputs=(stream[:8],),
-                          profile_cache=tmp_path, min_feedback=32)
+                          profile_cache=tmp_path, guarantee="empirical")
     process = rt._process.process
     assert process.is_alive() and process.pid != os.getpid()
     window = rt._window.name
