@@ -33,7 +33,8 @@ from torch import Tensor
 
 from apparate._progress import progress_bar
 from apparate.models.hf_decoder import DecoderLM, NotADecoderError, prove
-from apparate.models.persist import FORMAT_VERSION, fingerprint
+from apparate.models.persist import (FORMAT_VERSION, Expected, RampFile, as_bool, checksum,
+                                     fingerprint)
 from apparate.models.segments import Site
 from apparate.ops.ramp_exit import RampHead
 
@@ -89,7 +90,8 @@ class EEDecoder(torch.nn.Module):
 
     sites: ``Site`` per candidate (name = the decoder layer's module path; depth = site index);
     site_layers: the decoder layer each site follows; draft_agreement: per site, how often the
-    adapted head gave the final token on the training text (NaN before training).
+    adapted head gave the final token on the training text (NaN before training); trained:
+    whether the adapters and exit heads were trained (False after ``prepare``).
     """
 
     task = TASK
@@ -117,10 +119,7 @@ class EEDecoder(torch.nn.Module):
         self.draft_vocab: Tensor | None = None
         self.fingerprint = model_fingerprint or fingerprint(model)
         self.requires_grad_(False)
-
-    @property
-    def trained(self) -> bool:
-        return not any(math.isnan(a) for a in self.draft_agreement)
+        self.trained = False
 
     def site_logits(self, site: int, h: Tensor) -> Tensor:
         """The token logits an exit at ``site`` gives for hidden states h (..., H)."""
@@ -171,13 +170,17 @@ class EEDecoder(torch.nn.Module):
         (positions that predict prompt tokens are left out: decoding never exits there).
         epochs: over the adapters' positions (on SmolLM2's own replies to 64 tweets, the held-out
         agreement at layers 12 / 20 / 24 was 0.30 / 0.46 / 0.62 after 1 epoch, 0.37 / 0.53 / 0.69
-        after 2, 0.43 / 0.58 / 0.72 after 8). batch_size: positions per step. Deterministic given
-        ``seed``. Returns each site's
-        agreement of the adapted head with the final token on the held-out third of
-        ``sequences`` (the exit heads' training set; all of them when fewer than three)."""
+        after 2, 0.43 / 0.58 / 0.72 after 8). batch_size: positions per step. Needs at least
+        ``HOLD_OUT`` sequences. Deterministic given ``seed``. Returns each site's agreement of
+        the adapted head with the final token on the held-out third of ``sequences`` (the exit
+        heads' training set)."""
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1; got {epochs}, {batch_size}")
         seqs = _as_sequences(sequences, tokenizer)
+        if len(seqs) < HOLD_OUT:
+            raise ValueError(
+                f"train_ramps needs at least {HOLD_OUT} sequences (one in every {HOLD_OUT} is held "
+                f"out of the adapters' training to train the exit heads on); got {len(seqs)}")
         if prompt_lengths is None:
             starts = [0] * len(seqs)
         else:
@@ -188,9 +191,9 @@ class EEDecoder(torch.nn.Module):
         # Every HOLD_OUT-th sequence is held out of the adapters' training: the exit heads learn
         # when an adapter agrees on text it was not fitted to (on its own training text it
         # agrees more often, and exit heads trained there would exit too eagerly).
-        held = [i % HOLD_OUT == HOLD_OUT - 1 for i in range(len(seqs))] if len(seqs) >= HOLD_OUT \
-            else [True] * len(seqs)
-        fit = [not h for h in held] if not all(held) else held
+        held = [i % HOLD_OUT == HOLD_OUT - 1 for i in range(len(seqs))]
+        fit = [not h for h in held]
+        self.trained = False
         states, targets, tops = self._collect(
             [q for q, f in zip(seqs, fit) if f], [s for s, f in zip(starts, fit) if f], progress)
         counts = torch.bincount(targets, minlength=self.decoder.vocab)
@@ -222,12 +225,19 @@ class EEDecoder(torch.nn.Module):
                     bar.update(1)
                 adapter.requires_grad_(False)
         bar.close()
-        if fit is not held:
-            states, targets, _ = self._collect([q for q, h in zip(seqs, held) if h],
-                                               [s for s, h in zip(starts, held) if h], progress)
+        states, targets, _ = self._collect([q for q, h in zip(seqs, held) if h],
+                                           [s for s, h in zip(starts, held) if h], progress)
         agree = self._agreement(states, targets, progress)
         self._train_exit_heads(states, agree, EXIT_HEAD_EPOCHS, 1e-2, generator)
+        for site, adapter, head in zip(self.sites, self.adapters, self.exit_heads):
+            if not all(torch.isfinite(p).all() for p in (*adapter.parameters(),
+                                                          *head.parameters())):
+                raise RuntimeError(
+                    f"training left the adapter or exit head at site {site.name!r} (index "
+                    f"{site.depth}) with NaN or inf weights; train again with a smaller lr (got "
+                    f"{lr}) or other sequences")
         self.draft_agreement = [float(a.float().mean()) for a in agree]
+        self.trained = True
         return list(self.draft_agreement)
 
     @torch.no_grad()
@@ -273,7 +283,8 @@ class EEDecoder(torch.nn.Module):
     # -- persistence ----------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        """Adapters and exit heads as safetensors, with the sites and the model's fingerprint."""
+        """Adapters and exit heads as safetensors, with the sites, the model's fingerprint,
+        whether they were trained and a checksum of the tensors (``apparate.models.persist``)."""
         from safetensors.torch import save_file
 
         tensors = {f"{part}.{i}.{k}": v.contiguous()
@@ -284,7 +295,8 @@ class EEDecoder(torch.nn.Module):
             tensors["draft_vocab"] = self.draft_vocab.contiguous()
         metadata = {"format": str(FORMAT_VERSION), "task": TASK, "fingerprint": self.fingerprint,
                     "site_layers": json.dumps(self.site_layers),
-                    "draft_agreement": json.dumps(self.draft_agreement)}
+                    "draft_agreement": json.dumps(self.draft_agreement),
+                    "trained": json.dumps(self.trained), "checksum": checksum(tensors)}
         save_file(tensors, path, metadata=metadata)
 
 
@@ -333,19 +345,52 @@ def prepare_decoder(model: torch.nn.Module, example_inputs, sites: Sequence[str]
     return EEDecoder(model, decoder, layers)
 
 
-def load_decoder(path: str, model: torch.nn.Module, metadata: dict, tensors: dict,
-                 model_fingerprint: str) -> EEDecoder:
-    """Rebuild an ``EEDecoder`` from a file ``EEDecoder.save`` wrote (``ee_model.load``)."""
+def load_decoder(file: RampFile, model: torch.nn.Module, model_fingerprint: str) -> EEDecoder:
+    """Rebuild an ``EEDecoder`` from a file ``EEDecoder.save`` wrote, read and checked by
+    ``ee_model.load`` (``persist.read_ramp_file``). Files without a "trained" key count as
+    trained."""
     model.eval()
     try:
         decoder = DecoderLM(model)
     except NotADecoderError as exc:
-        raise ValueError(f"{path} holds decoder exits but {exc}") from None
-    ee = EEDecoder(model, decoder, json.loads(metadata["site_layers"]), model_fingerprint)
+        raise ValueError(f"{file.path} holds decoder exits but {exc}") from None
+    site_layers = file.json("site_layers", _layer_list)
+    if site_layers[-1] >= decoder.layers - 1:
+        raise file.error(f"metadata key 'site_layers' names layer {site_layers[-1]}; this model's "
+                         f"sites are layers 0 .. {decoder.layers - 2}")
+    draft_agreement = file.json("draft_agreement", _fractions)
+    if len(draft_agreement) != len(site_layers):
+        raise file.error(f"metadata key 'draft_agreement' has {len(draft_agreement)} values for "
+                         f"{len(site_layers)} sites")
+    trained = file.json("trained", as_bool, default=True)
+    hidden = decoder.hidden
+    expected = {"draft_vocab": Expected((None,), torch.int64, finite=False)}
+    for i in range(len(site_layers)):
+        expected[f"adapters.{i}.weight"] = Expected((hidden, hidden))
+        expected[f"adapters.{i}.bias"] = Expected((hidden,))
+        expected[f"exit_heads.{i}.weight"] = Expected((2, hidden))
+        expected[f"exit_heads.{i}.bias"] = Expected((2,))
+    tensors = file.checked_tensors(expected, optional=("draft_vocab",))
+    ee = EEDecoder(model, decoder, site_layers, model_fingerprint)
     ee.adapters.load_state_dict({k.removeprefix("adapters."): v for k, v in tensors.items()
                                  if k.startswith("adapters.")})
     ee.exit_heads.load_state_dict({k.removeprefix("exit_heads."): v for k, v in tensors.items()
                                    if k.startswith("exit_heads.")})
-    ee.draft_agreement = [float(a) for a in json.loads(metadata["draft_agreement"])]
+    ee.draft_agreement = draft_agreement
     ee.draft_vocab = tensors.get("draft_vocab")
+    ee.trained = trained
     return ee
+
+
+def _layer_list(value) -> list[int]:
+    if (not isinstance(value, list) or not value
+            or any(type(v) is not int or v < 0 for v in value) or value != sorted(set(value))):
+        raise ValueError("expected increasing layer indices")
+    return value
+
+
+def _fractions(value) -> list[float]:
+    if not isinstance(value, list) or any(
+            type(v) not in (int, float) or not (math.isnan(v) or 0 <= v <= 1) for v in value):
+        raise ValueError("expected a list of fractions (NaN before training)")
+    return [float(v) for v in value]

@@ -74,6 +74,18 @@ def _rows_view(name: str, value: Tensor) -> Tensor:
     return rows
 
 
+def _check_rows_apart(name: str, value: Tensor, rows: Tensor) -> None:
+    """Refuse a tensor to be written whose rows share memory (an ``expand``ed batch, a row
+    stride below the row size): rows compacted into it would overwrite each other."""
+    batch, width = rows.shape
+    if batch > 1 and width > 0 and rows.stride(0) < width:
+        raise ValueError(
+            f"{name} must give each row its own memory to be written; got shape "
+            f"{tuple(value.shape)} with strides {value.stride()}, whose rows overlap; pass "
+            f"{name}.clone()"
+        )
+
+
 def _check_buffer(name: str, value: Tensor | None, shape: tuple[int, ...], dtype, device):
     if value is None:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -121,7 +133,8 @@ def compact_rows(
         _checks.dtype("out", out, (x.dtype,))
         _checks.device("out", out, x.device, "x")
         in_place = False
-        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        # Empty tensors hold no memory to share (their storages all report address 0).
+        if x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             if out.data_ptr() == x.data_ptr() and out.stride() == x.stride():
                 in_place = True
             else:
@@ -130,9 +143,10 @@ def compact_rows(
                     "place, or a buffer that does not overlap x"
                 )
     if in_place:
+        _check_rows_apart("x", x, x_rows)
         _dispatch.entry("compact_rows_", x.device.type)(x_rows, keep, index, count)
     else:
-        _dispatch.entry("compact_rows", x.device.type)(
-            x_rows, keep, _rows_view("out", out), index, count
-        )
+        out_rows = _rows_view("out", out)
+        _check_rows_apart("out", out, out_rows)
+        _dispatch.entry("compact_rows", x.device.type)(x_rows, keep, out_rows, index, count)
     return out, index, count

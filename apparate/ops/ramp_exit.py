@@ -8,6 +8,7 @@ the public function. Kernels: ``apparate/kernels/ramp_exit.py`` (Triton), ``csrc
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -181,7 +182,10 @@ class RampHead:
             _checks.device("norm_weight", self.norm_weight, dev, "weight")
         elif self.norm_weight is not None:
             raise ValueError("norm_weight is given but norm is None; pass norm='rms' or norm='layer'")
-        if type(self.norm_eps) not in (int, float) or not self.norm_eps > 0:
+        # Any real number (numpy scalars too) but not a bool, which is an int by inheritance.
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, numbers.Real):
+            raise TypeError(f"norm_eps must be a positive float; got {type(self.norm_eps).__name__}")
+        if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be a positive float; got {self.norm_eps!r}")
         object.__setattr__(self, "norm_eps", float(self.norm_eps))
         if weight.stride(1) != 1:  # the kernels read each class's row contiguously
@@ -253,7 +257,8 @@ def _check_call(hidden, head, threshold, mask, alive, logits_out) -> Tensor | No
 
 
 def _explain_hidden(hidden, head: RampHead) -> None:
-    """Raise the error that says how ``hidden`` does not fit ``head``."""
+    """Raise the error that says how ``hidden`` does not fit ``head``; return when it fits (a
+    Tensor subclass such as ``nn.Parameter`` misses only the fast path's exact-type test)."""
     pool = head.pool
     _checks.tensor("hidden", hidden)
     _checks.dtype("hidden", hidden, FLOAT_DTYPES)
@@ -266,7 +271,8 @@ def _explain_hidden(hidden, head: RampHead) -> None:
             f"weight must have shape (K, H) with H = {features} (the feature size of hidden "
             f"{tuple(hidden.shape)}); got {tuple(head.weight.shape)}"
         )
-    raise ValueError(f"the head's weight must be on hidden's device {hidden.device}; got {head.device}")
+    if hidden.device != head.device:
+        raise ValueError(f"the head's weight must be on hidden's device {hidden.device}; got {head.device}")
 
 
 _SCHEMA = (
