@@ -417,7 +417,7 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
                 say("oracle: every ramp's answer on every request")
                 answers = _ramp_answers(ee, stream)
             runs.append(StreamRun(vanilla, app, _oracle(answers, vanilla, runtime.profile),
-                                  runtime.history, clock))
+                                  list(runtime.history), clock))
     finally:
         torch.set_num_threads(threads)
     summary = _summary(cfg, runs, sat_vanilla, sat_app, runtime.latency, ee.sites)

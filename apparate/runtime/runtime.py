@@ -26,6 +26,7 @@ import logging
 import math
 import numbers
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ from apparate.runtime.record import RequestLog
 log = logging.getLogger("apparate")
 
 __all__ = ["Generation", "Result", "Runtime"]
+
+HISTORY = 10_000  # configurations kept in Runtime.history
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,9 @@ class Runtime:
             self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
             self.latency = self.profile.at(batch_size)
         self.mode = mode
-        self.history: list[ConfigChange] = []
+        # The configurations served, newest last (the latest HISTORY of them: a guarded
+        # controller changes its position often, and a server runs for months).
+        self.history: deque[ConfigChange] = deque(maxlen=HISTORY)
         self._staged: list[ConfigChange] = []
         self._closed = False
         self._lost_controller: ConfigChange | None = None  # last change while not running

@@ -135,7 +135,8 @@ def test_background_controller_runs_in_its_own_process(setup, tmp_path):
     assert not process.is_alive()
     with pytest.raises(FileNotFoundError):
         shared_memory.SharedMemory(name=window)  # the feedback window is freed
-    rt.infer(stream[:16])  # serving goes on with the last configuration
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.infer(stream[:16])  # a closed runtime serves nothing
 
 
 def test_serving_survives_a_dead_controller_process(setup, tmp_path, caplog):
@@ -148,11 +149,12 @@ def test_serving_survives_a_dead_controller_process(setup, tmp_path, caplog):
             results = [r for start in (0, 16, 32) for r in rt.infer(stream[start:start + 16])]
     assert [r.prediction for r in results] == list(vanilla[:48])
     assert sum("controller process stopped" in m for m in caplog.messages) == 1
+    assert sum("serving without exits" in m for m in caplog.messages) == 1
 
 
 def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
-    # The controller process is spawned: it imports the script again, which builds another
-    # runtime before the first one's process is ready.
+    # The controller process is spawned: it would import the script again and build another
+    # runtime, so the missing guard is caught before anything is spawned.
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
@@ -168,8 +170,8 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode != 0
-    assert "controller process did not start" in done.stderr
-    assert 'if __name__ == "__main__":' in done.stderr
+    assert "outside `if __name__ == \"__main__\":`" in done.stderr
+    assert f"line 8 of {script}" in done.stderr
 
 
 def test_the_runtime_serves_the_controllers_first_configuration(setup, tmp_path):
