@@ -75,8 +75,8 @@ class ControllerConfig:
     guarantee: str = "guarded"
     delta: float = 0.1
     chain_budget: float = 3.0
-    target_fraction: float = 0.5
-    eta: float = 2.0
+    target_fraction: float = 0.35
+    eta: float = 0.2
 
     def __post_init__(self) -> None:
         if self.guarantee not in GUARANTEES:
@@ -200,7 +200,9 @@ class Controller:
             self._built_at = total
         settled = feedback.num_samples >= self.config.adjust_every
         if settled and self.adjuster.due(total - self._adjusted_at):
-            decision = self.adjuster.decide(feedback, self.active, self.thresholds)
+            # Ramps are judged by what they save at the chain's far end, not at the position
+            # served: a ramp the position has not reached yet would look like pure cost.
+            decision = self.adjuster.decide(feedback, self.active, self.chain[-1])
             self._adjusted_at = total
             if decision.kind == "retune" or tuple(decision.active) != tuple(self.active):
                 active = tuple(decision.active)
@@ -235,7 +237,9 @@ class Controller:
         old_chain, old_active = self.chain, self.active
         chain = self.chain_tuner.chain(feedback, active)
         self.active, self.chain = active, chain
-        if self.guard.position <= 0.0:
+        # No chain before (the first build, or no ramps): lambda keeps what it earned (the
+        # bound rests on lambda's updates alone, whatever the chain).
+        if self.guard.position <= 0.0 or len(old_chain) == 1:
             return
         if len(chain) == 1:
             self.guard.position = 0.0

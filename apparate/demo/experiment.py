@@ -35,6 +35,11 @@ from apparate.serve.loop import (BatchingConfig, RuntimeEngine, ServeLog, Vanill
                                  fixed_rate_arrivals, poisson_arrivals, serve)
 
 
+# Share of the ramps' training inputs held out as their calibration split (the runtime's warm
+# start).
+CALIBRATION = 0.2
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     workload: str = "nlp-sentiment"
@@ -79,8 +84,9 @@ def say(message: str) -> None:
 def ramps_for(workload, progress: bool = True):
     """The workload's EEModel with trained ramps, from the cache or trained now and cached."""
     ee = prepare(workload.model, workload.example_inputs)
-    # Keyed by the backbone, the sites and the training inputs: any of them changing retrains.
-    key = hashlib.sha256(json.dumps([s.name for s in ee.sites]).encode())
+    # Keyed by the backbone, the sites, the calibration share and the training inputs: any of
+    # them changing retrains.
+    key = hashlib.sha256(json.dumps([[s.name for s in ee.sites], CALIBRATION]).encode())
     for tensor in workload.train_inputs:
         key.update(tensor.contiguous().numpy().tobytes())
     path = cache_dir() / "ramps" / f"{workload.name}-{ee.fingerprint[:16]}-{key.hexdigest()[:8]}.safetensors"
@@ -88,7 +94,7 @@ def ramps_for(workload, progress: bool = True):
         say(f"ramps: loaded from {path}")
         return load(str(path), workload.model, workload.example_inputs)
     say(f"ramps: training {len(ee.sites)} ramps on {workload.train_inputs[0].shape[0]} inputs")
-    agreement = ee.train_ramps(workload.train_inputs, progress=progress)
+    agreement = ee.train_ramps(workload.train_inputs, calibration=CALIBRATION, progress=progress)
     say("ramps: agreement with the model on their training inputs: "
         + ", ".join(f"{a:.2f}" for a in agreement))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,13 +278,38 @@ def _write(out: Path, summary, runs: list[StreamRun], sites):
     fig.savefig(out / "latency_cdf.png", dpi=120)
     plt.close(fig)
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    history, timeline = runs[0].history, runs[0].stream_time
-    end = float(runs[0].apparate.release.max())
+    _adaptation_plot(plt, out / "adaptation.png", summary, runs, sites)
+
+
+def _adaptation_plot(plt, path: Path, summary, runs: list[StreamRun], sites) -> None:
+    """Agreement per window against the constraint; each open ramp's threshold; which ramps
+    are active, and whether they are open (may exit) or closed. Legends sit beside the axes."""
+    run = runs[0]
+    history, timeline = run.history, run.stream_time
+    end = float(run.apparate.release.max())
+    epsilon = summary["config"]["accuracy_constraint"]
+    window = summary["config"]["window"]
+    fig, (agree_ax, top, bottom) = plt.subplots(
+        3, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [1.2, 1.2, 1]})
+    agree = run.apparate.prediction == run.vanilla.prediction
+    order = np.argsort(run.apparate.arrival, kind="stable")
+    starts = np.arange(0, agree.size - window + 1, window)
+    rates = np.array([agree[order[i:i + window]].mean() for i in starts])
+    mid = np.array([run.apparate.arrival[order[i:i + window]].mean() for i in starts])
+    if rates.size:
+        inside = rates >= 1 - epsilon - 1e-12
+        agree_ax.plot(mid, rates, color="tab:blue", lw=1)
+        agree_ax.scatter(mid[inside], rates[inside], s=8, color="tab:blue",
+                         label=f"window of {window} within")
+        agree_ax.scatter(mid[~inside], rates[~inside], s=14, color="tab:red",
+                         label=f"window of {window} below")
+    agree_ax.axhline(1 - epsilon, color="black", ls="--", lw=1, label="1 - constraint")
+    agree_ax.set_ylabel("agreement")
+    agree_ax.set_ylim(max(0.0, min([1 - 4 * epsilon, *rates.tolist()]) - 0.005), 1.002)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for site in range(len(sites)):
         colour = colours[site % len(colours)]
-        spans = []
+        open_spans, closed_spans = [], []
         for change, following in zip(history, history[1:] + [None]):
             if site not in change.active:
                 continue
@@ -286,22 +317,37 @@ def _write(out: Path, summary, runs: list[StreamRun], sites):
             t1 = min(timeline(following.at) if following is not None else end, end)
             if t1 <= t0:
                 continue
-            top.hlines(min(float(change.thresholds[site]), 1.05), t0, t1, colors=colour)
-            spans.append((t0, t1 - t0))
-        if spans:
+            threshold = float(change.thresholds[site])
+            if np.isfinite(threshold):
+                top.hlines(threshold, t0, t1, colors=colour, lw=1.5)
+                open_spans.append((t0, t1 - t0))
+            else:
+                closed_spans.append((t0, t1 - t0))
+        if open_spans or closed_spans:
+            bottom.broken_barh(open_spans, (site - 0.4, 0.8), color=colour)
+            bottom.broken_barh(closed_spans, (site - 0.4, 0.8), facecolor="none",
+                               edgecolor=colour, hatch="///", lw=0.5)
+        if open_spans:
             top.plot([], [], color=colour, label=sites[site].name)
-            bottom.broken_barh(spans, (site - 0.4, 0.8), color=colour)
-    top.set_ylabel("threshold (1.05 = no exit)")
-    top.legend(fontsize=7, ncol=2)
+    top.set_ylabel("threshold of open ramps")
     top.grid(alpha=0.3)
+    bottom.broken_barh([], (0, 0), color="grey", label="active, open")
+    bottom.broken_barh([], (0, 0), facecolor="none", edgecolor="grey", hatch="///",
+                       label="active, closed")
     bottom.set_yticks(range(len(sites)))
     bottom.set_yticklabels([s.name for s in sites], fontsize=7)
     bottom.set_xlabel("time since the stream started (s)")
     bottom.set_ylabel("active ramps")
-    fig.suptitle(f"{summary['workload']}: thresholds and active ramps over time"
-                 + (f" (stream run 1 of {len(runs)})" if len(runs) > 1 else ""))
+    for ax in (agree_ax, top, bottom):
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    title = (f"{summary['workload']} ({summary['mode']}, {summary['config']['guarantee']}): "
+             "agreement, thresholds and active ramps over time")
+    fig.suptitle(title + (f" (stream run 1 of {len(runs)})" if len(runs) > 1 else ""),
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "adaptation.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

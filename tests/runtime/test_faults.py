@@ -172,3 +172,29 @@ def test_a_hung_controller_does_not_hold_up_close(setup, tmp_path):
     rt.close()
     assert time.monotonic() - start < 2.0
     assert not process.is_alive()
+
+
+def test_a_wedged_controller_means_no_exits_until_it_runs_again(setup, tmp_path):
+    ee, stream, _ = setup
+    rt = runtime(setup, tmp_path, background=True, accuracy_constraint=0.05)
+    try:
+        for start in range(0, 320, 16):
+            rt.infer(stream[start:start + 16])
+        served = rt.history[-1]
+        pid = rt._process.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(2.5)  # no heartbeat for the stall time (2 s)
+        rt.infer(stream[:16])
+        assert rt.controller_health == "wedged"
+        assert rt.history[-1].reason == "controller wedged: no exits"
+        assert all(r.exit_site is None for r in rt.infer(stream[:64]))
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while rt.controller_health != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rt.infer(stream[:16])
+        assert rt.controller_health == "running"
+        resumed = [c for c in rt.history if c.reason == "controller running again"]
+        assert resumed or rt.history[-1].at > served.at, "the controller's configuration is back"
+    finally:
+        rt.close()

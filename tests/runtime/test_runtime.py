@@ -40,7 +40,9 @@ def test_adapts_within_the_constraint(setup, tmp_path, mode, background):
     predictions = np.array([r.prediction for r in answers])
     exited = np.array([r.exit_site is not None for r in answers])
     assert (predictions == vanilla).mean() >= 0.99
-    assert exited.mean() > 0.2, "the tuner should let confident samples exit"
+    # The guarded controller climbs its chain over about 1,400 requests at a 1% constraint, so
+    # on 1,200 it has opened part of it.
+    assert exited.mean() > 0.1, "the controller should let confident samples exit"
     assert sorted(released) == list(range(len(stream))), "every sample released exactly once"
     assert all(released[i].prediction == answers[i].prediction for i in released)
     # on_release gets the very Result the returned list holds (a ramp's confidence included).
