@@ -73,9 +73,10 @@ CORE_SNIPPET = """
     with apparate.Runtime(ee, example_inputs=(stream[:8],), profile_cache=pathlib.Path(sys.argv[1]),
                           background=False) as runtime:
         answers = [r for start in range(0, 64, 16) for r in runtime.infer(stream[start:start + 16])]
-    # Fewer requests than the feedback the tuner needs first: every answer is the model's.
-    assert [r.prediction for r in answers] == vanilla
-    assert all(r.exit_site is None for r in answers)
+    # The calibration split warm-starts the controller: exits may open at once, within the
+    # constraint's reach on 64 requests.
+    assert len(answers) == 64
+    assert sum(r.prediction == v for r, v in zip(answers, vanilla)) >= 62
     loaded = {name.partition(".")[0] for name in sys.modules}
     for name in ("transformers", "matplotlib", "cv2", "tqdm"):
         assert name not in loaded, name

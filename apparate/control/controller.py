@@ -22,6 +22,7 @@ changes keep the position at or below the current configuration's disagreement o
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -115,6 +116,12 @@ def chain_losses(feedback: Feedback, active, chain: np.ndarray) -> Losses:
     return Losses(disagree, np.asarray(feedback.weight), int(round(feedback.skipped.sum())))
 
 
+@functools.lru_cache(maxsize=4096)
+def _lower(wrong: int, served: int, delta: float) -> float:
+    """One-sided exact lower bound (level delta) on a rate from ``wrong`` of ``served``."""
+    return clopper_pearson(wrong, served, 2 * delta)[0]
+
+
 class Controller:
     """Adaptation state and decisions on ``window`` (see the module doc); not thread-safe: one
     caller."""
@@ -176,9 +183,12 @@ class Controller:
         total = self.window.total_recorded
         new = self.window.snapshot(since=self._read)
         self._read = total
-        feedback = self.window.snapshot()
         active, reason = self.active, None
         rebuild = self._built_at is None or total - self._built_at >= self.config.adjust_every
+        adjust = self.adjuster.due(total - self._adjusted_at)
+        # The whole window only when something is rebuilt or judged; most steps score the new
+        # rows alone.
+        feedback = self.window.snapshot() if rebuild or adjust or self.position else new
         if self.config.guarantee == "guarded":
             before = self.guard.index(len(self.chain))
             self.guard.update(weighted_losses(new, self.active, self.thresholds),
@@ -198,8 +208,8 @@ class Controller:
                 reason = "recent rows broke the constraint (confidence 1 - delta): no exits"
         if rebuild:
             self._built_at = total
-        settled = feedback.num_samples >= self.config.adjust_every
-        if settled and self.adjuster.due(total - self._adjusted_at):
+        settled = adjust and feedback.num_samples >= self.config.adjust_every
+        if settled:
             # Ramps are judged by what they save at the chain's far end, not at the position
             # served: a ramp the position has not reached yet would look like pure cost.
             decision = self.adjuster.decide(feedback, self.active, self.chain[-1])
@@ -244,13 +254,22 @@ class Controller:
         if len(chain) == 1:
             self.guard.position = 0.0
             return
-        old = np.array([risk(feedback, old_active, row) for row in old_chain])
-        here = (float(np.interp(self.guard.position * (len(old) - 1), np.arange(len(old)),
-                                np.maximum.accumulate(old))) if len(old) > 1 else 0.0)
-        new = np.maximum.accumulate([risk(feedback, active, row) for row in chain])
-        grid = np.linspace(0.0, len(chain) - 1, 32 * (len(chain) - 1) + 1)
-        fits = grid[np.interp(grid, np.arange(len(chain)), new) <= here + 1e-12]
-        self.guard.position = min(self.guard.position, float(fits[-1]) / (len(chain) - 1))
+        # Risks are computed only as far along each chain as the mapping looks (the operating
+        # point is usually early in a chain that runs to chain_budget times the constraint).
+        x = self.guard.position * (len(old_chain) - 1)
+        upto = min(int(np.ceil(x)), len(old_chain) - 1)
+        old = np.maximum.accumulate([risk(feedback, old_active, row)
+                                     for row in old_chain[:upto + 1]])
+        here = float(np.interp(x, np.arange(upto + 1), old)) if upto else 0.0
+        reach, previous = 0.0, 0.0
+        for j in range(1, len(chain)):
+            current = max(previous, risk(feedback, active, chain[j]))
+            if current > here + 1e-12:  # the envelope crosses `here` between rows j-1 and j
+                reach = j - 1 + ((here - previous) / (current - previous)
+                                 if current > previous else 0.0)
+                break
+            previous, reach = current, float(j)
+        self.guard.position = min(self.guard.position, reach / (len(chain) - 1))
 
     def _certify(self, feedback: Feedback) -> None:
         """Chain on the window's older half, fixed-sequence test on its newer half."""
@@ -271,8 +290,8 @@ class Controller:
         losses = weighted_losses(recent, self.active, self.thresholds)
         served = int(round(recent.num_served))
         wrong = min(served, int(round(losses.sum())))
-        lower, _ = clopper_pearson(wrong, served, 2 * self.config.delta) if served else (0.0, 1.0)
-        return lower > self.config.accuracy_constraint
+        return bool(served) and _lower(wrong, served, self.config.delta) > \
+            self.config.accuracy_constraint
 
     def _empirical_step(self) -> ConfigChange | None:
         """The paper's search and reactions on the whole window (no guarantee)."""
