@@ -110,9 +110,32 @@ def risk(feedback: Feedback, active, thresholds) -> float:
     return float(weighted_losses(feedback, active, thresholds).sum() / served) if served else 0.0
 
 
+def chain_weighted_losses(feedback: Feedback, active, chain: np.ndarray) -> np.ndarray:
+    """(K, n) ``weighted_losses`` of every chain row at once."""
+    sites = np.asarray(active, dtype=np.int64)
+    n = feedback.num_samples
+    if n == 0 or sites.size == 0:
+        return np.zeros((len(chain), n))
+    with np.errstate(invalid="ignore"):  # NaN >= t is False: not evaluated, never exits
+        exits = feedback.confidence[None, :, sites] >= chain[:, None, sites]  # (K, n, A)
+    padded = np.concatenate([exits, np.ones((len(chain), n, 1), dtype=bool)], axis=2)
+    position = np.argmax(padded, axis=2)  # (K, n) in 0..A
+    agree = np.concatenate([feedback.agree[:, sites], np.ones((n, 1), dtype=bool)], axis=1)
+    ok = agree[np.arange(n)[None, :], position]
+    return np.where(ok, 0.0, feedback.weight[None, :])
+
+
+def chain_risks(feedback: Feedback, active, chain: np.ndarray) -> np.ndarray:
+    """(K,) every chain row's ``risk``."""
+    served = feedback.num_served
+    if not served:
+        return np.zeros(len(chain))
+    return chain_weighted_losses(feedback, active, chain).sum(axis=1) / served
+
+
 def chain_losses(feedback: Feedback, active, chain: np.ndarray) -> Losses:
     """Every chain row's disagreements on ``feedback``, with its weights (``certify``'s input)."""
-    disagree = np.stack([weighted_losses(feedback, active, row) > 0 for row in chain])
+    disagree = chain_weighted_losses(feedback, active, chain) > 0
     return Losses(disagree, np.asarray(feedback.weight), int(round(feedback.skipped.sum())))
 
 
@@ -254,21 +277,18 @@ class Controller:
         if len(chain) == 1:
             self.guard.position = 0.0
             return
-        # Risks are computed only as far along each chain as the mapping looks (the operating
-        # point is usually early in a chain that runs to chain_budget times the constraint).
         x = self.guard.position * (len(old_chain) - 1)
         upto = min(int(np.ceil(x)), len(old_chain) - 1)
-        old = np.maximum.accumulate([risk(feedback, old_active, row)
-                                     for row in old_chain[:upto + 1]])
+        old = np.maximum.accumulate(chain_risks(feedback, old_active, old_chain[:upto + 1]))
         here = float(np.interp(x, np.arange(upto + 1), old)) if upto else 0.0
-        reach, previous = 0.0, 0.0
-        for j in range(1, len(chain)):
-            current = max(previous, risk(feedback, active, chain[j]))
-            if current > here + 1e-12:  # the envelope crosses `here` between rows j-1 and j
-                reach = j - 1 + ((here - previous) / (current - previous)
-                                 if current > previous else 0.0)
-                break
-            previous, reach = current, float(j)
+        new = np.maximum.accumulate(chain_risks(feedback, active, chain))
+        above = np.flatnonzero(new > here + 1e-12)
+        if not above.size:
+            reach = float(len(chain) - 1)
+        else:  # the envelope crosses `here` between rows j - 1 and j
+            j = int(above[0])
+            step = new[j] - new[j - 1]
+            reach = j - 1 + ((here - new[j - 1]) / step if step > 0 else 0.0)
         self.guard.position = min(self.guard.position, reach / (len(chain) - 1))
 
     def _certify(self, feedback: Feedback) -> None:
