@@ -104,12 +104,6 @@ def weighted_losses(feedback: Feedback, active, thresholds) -> np.ndarray:
     return np.where(agree[np.arange(n), exit_pos], 0.0, feedback.weight)
 
 
-def risk(feedback: Feedback, active, thresholds) -> float:
-    """The configuration's estimated disagreement over every sample the rows served."""
-    served = feedback.num_served
-    return float(weighted_losses(feedback, active, thresholds).sum() / served) if served else 0.0
-
-
 def chain_weighted_losses(feedback: Feedback, active, chain: np.ndarray) -> np.ndarray:
     """(K, n) ``weighted_losses`` of every chain row at once."""
     sites = np.asarray(active, dtype=np.int64)
@@ -126,7 +120,7 @@ def chain_weighted_losses(feedback: Feedback, active, chain: np.ndarray) -> np.n
 
 
 def chain_risks(feedback: Feedback, active, chain: np.ndarray) -> np.ndarray:
-    """(K,) every chain row's ``risk``."""
+    """(K,) every chain row's estimated disagreement over every sample the rows served."""
     served = feedback.num_served
     if not served:
         return np.zeros(len(chain))

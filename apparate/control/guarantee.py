@@ -219,15 +219,6 @@ def _weight_bound(losses: Losses) -> float:
     return float(max(losses.weight.max(initial=1.0), 1.0))
 
 
-def upper_bound(losses: Losses, position: int, delta: float) -> float:
-    """Upper confidence bound (level delta) on position's disagreement rate: Clopper-Pearson
-    when every sample is observed, else a betting bound on the weighted terms."""
-    d = losses.disagree[position]
-    if losses.observed_all:
-        return clopper_pearson_upper(int(d.sum()), d.size, delta)
-    return betting_upper(_sequence(losses, position), _weight_bound(losses), delta)
-
-
 def betting_rejects(x, bound: float, mean: float, delta: float) -> bool:
     """Whether the claim "the mean of x (values in [0, bound]) is >= mean" is rejected at level
     delta: the betting wealth against it (``betting_bounds``' upper side, at this one mean)
