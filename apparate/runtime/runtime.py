@@ -141,6 +141,13 @@ class Runtime:
             self.profile = profiler.load_or_measure(ee, example, self.device, profile_cache)
             self.latency = self.profile.at(batch_size)
         self.mode = mode
+        cheapest = min((self.latency.ramp_overhead([site]) for site in range(len(ee.sites))),
+                       default=math.inf)
+        if cheapest > ramp_budget:
+            warnings.warn(f"no ramp fits ramp_budget={ramp_budget:g}: the cheapest costs "
+                          f"{cheapest:.1%} of the model's latency at batch size {batch_size:g}, "
+                          "so nothing will exit; raise ramp_budget to at least that",
+                          UserWarning, stacklevel=2)
         # The configurations served, newest last (the latest HISTORY of them: a guarded
         # controller changes its position often, and a server runs for months).
         self.history: deque[ConfigChange] = deque(maxlen=HISTORY)

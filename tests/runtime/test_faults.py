@@ -198,3 +198,8 @@ def test_a_wedged_controller_means_no_exits_until_it_runs_again(setup, tmp_path)
         assert resumed or rt.history[-1].at > served.at, "the controller's configuration is back"
     finally:
         rt.close()
+
+
+def test_a_budget_no_ramp_fits_is_reported(setup, tmp_path):
+    with pytest.warns(UserWarning, match="no ramp fits ramp_budget=0"):
+        runtime(setup, tmp_path, ramp_budget=0.0)
