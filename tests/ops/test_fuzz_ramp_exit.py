@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, event, given, settings
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 import apparate
@@ -25,19 +25,12 @@ from apparate.ops import BACKENDS
 from apparate.ops.ramp_exit import FLOAT_DTYPES, METRICS, NORMS, POOLS, ramp_exit_ref
 from apparate.testing import assert_confidence_close, tolerance
 from tests.helpers import implementation
+from tests.ops.fuzzing import assert_refused, fuzz
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The Triton interpreter costs tens of milliseconds a call: fewer, smaller cases there.
 INTERPRETED = DEVICE == "cpu"
 _TOKEN_POOLS = ("cls", "mean", "last")
-
-
-def fuzz(max_examples: int):
-    # No explain phase: it reruns a failure hundreds of times to annotate lines, which takes
-    # longer than the search itself.
-    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @dataclass(frozen=True)
@@ -698,13 +691,7 @@ RAMP_EXIT_INVALID = {
 def test_invalid_argument_is_refused(name, call):
     """Each spoiled argument raises ValueError / TypeError whose message names the argument and
     says what was expected and what was received (for every pool, batch 0 and 1 included)."""
-    spoil, error, words = RAMP_EXIT_INVALID[name]
-    call()  # the unspoiled call is valid
-    bad = spoil(call)
-    with pytest.raises(error) as info:
-        bad()
-    for word in words(bad):
-        assert word in str(info.value), (word, str(info.value))
+    assert_refused(RAMP_EXIT_INVALID[name], call)
 
 
 @fuzz(30)

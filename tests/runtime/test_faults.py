@@ -141,15 +141,22 @@ def test_the_request_log_adds_up(setup, tmp_path):
         assert exited.any()
 
 
+def serve_until_exits_open(rt, stream) -> None:
+    """Serve until the background controller has opened exits (so that "no exits" afterwards
+    says something)."""
+    for start in range(0, 320, 16):
+        rt.infer(stream[start:start + 16])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not rt.forward.active - rt.forward.closed:
+        rt.infer(stream[:16])
+    assert rt.forward.active - rt.forward.closed, "the controller opened exits"
+
+
 def test_a_killed_controller_means_no_exits_until_it_is_restarted(setup, tmp_path):
     ee, stream, _ = setup
     rt = runtime(setup, tmp_path, background=True, accuracy_constraint=0.05)
     try:
-        for start in range(0, 320, 16):
-            rt.infer(stream[start:start + 16])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not rt.forward.active - rt.forward.closed:
-            rt.infer(stream[:16])
+        serve_until_exits_open(rt, stream)
         os.kill(rt._process.process.pid, signal.SIGKILL)
         rt._process.process.join(5)
         results = rt.infer(stream[:64])
@@ -178,8 +185,7 @@ def test_a_wedged_controller_means_no_exits_until_it_runs_again(setup, tmp_path)
     ee, stream, _ = setup
     rt = runtime(setup, tmp_path, background=True, accuracy_constraint=0.05)
     try:
-        for start in range(0, 320, 16):
-            rt.infer(stream[start:start + 16])
+        serve_until_exits_open(rt, stream)
         served = rt.history[-1]
         pid = rt._process.process.pid
         os.kill(pid, signal.SIGSTOP)
