@@ -31,8 +31,8 @@ from apparate.demo.workloads import load_workload
 from apparate.models import load, prepare
 from apparate.runtime import report
 from apparate.runtime.runtime import Runtime
-from apparate.serve.loop import (BatchingConfig, RuntimeEngine, ServeLog, VanillaEngine,
-                                 fixed_rate_arrivals, poisson_arrivals, serve)
+from apparate.serve.loop import (BatchingConfig, ServeLog, fixed_rate_arrivals, poisson_arrivals,
+                                 serve)
 
 
 # Share of the ramps' training inputs held out as their calibration split (the runtime's warm
@@ -103,13 +103,13 @@ def ramps_for(workload, progress: bool = True):
 
 
 def _capacity_rps(model, stream, max_batch: int) -> float:
-    engine = VanillaEngine(model)
     batch = tuple(t[:max_batch] for t in stream)
     times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        engine(batch, lambda *a: None)
-        times.append(time.perf_counter() - start)
+    with torch.no_grad():
+        for _ in range(7):
+            start = time.perf_counter()
+            model(*batch)
+            times.append(time.perf_counter() - start)
     return max_batch / float(np.median(times[2:]))
 
 
@@ -385,9 +385,9 @@ def _saturated(cfg, workload, runtime, batching) -> tuple[list[float], list[floa
         f"{cfg.saturation_repeats} times each, alternating")
     sat_vanilla, sat_app = [], []
     for _ in range(cfg.saturation_repeats):
-        sat_vanilla.append(serve(VanillaEngine(workload.model), head, burst,
+        sat_vanilla.append(serve(workload.model, head, burst,
                                  batching).throughput_rps)
-        sat_app.append(serve(RuntimeEngine(runtime), head, burst, batching).throughput_rps)
+        sat_app.append(serve(runtime, head, burst, batching).throughput_rps)
     return sat_vanilla, sat_app
 
 
@@ -433,7 +433,7 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
                     for (i, j), offset in zip(chunks, offsets):
                         part = tuple(t[i:j] for t in stream)
                         gaps = arrivals[i:j] - offset
-                        vanilla_logs.append(serve(VanillaEngine(workload.model), part, gaps,
+                        vanilla_logs.append(serve(workload.model, part, gaps,
                                                   batching, b.update))
                         if runtime is None:
                             if typical_batch is None:
@@ -446,7 +446,7 @@ def run(cfg: ExperimentConfig, out: Path, progress: bool = True) -> dict:
                                 profile_cache=cache_dir() / "profiles", seed=cfg.seed,
                                 guarantee=cfg.guarantee,
                                 log_dir=out / "record" if number == 1 else None)
-                        apparate_logs.append(serve(RuntimeEngine(runtime), part, gaps, batching,
+                        apparate_logs.append(serve(runtime, part, gaps, batching,
                                                    b.update))
                         clock.append((apparate_logs[-1].started, offset))
                 vanilla = _joined(vanilla_logs, offsets)

@@ -47,7 +47,7 @@ from apparate.runtime.record import RequestLog
 
 log = logging.getLogger("apparate")
 
-__all__ = ["Generation", "Result", "Runtime"]
+__all__ = ["DecodeSession", "Generation", "Result", "Runtime"]
 
 HISTORY = 10_000  # configurations kept in Runtime.history
 
@@ -152,6 +152,7 @@ class Runtime:
         # controller changes its position often, and a server runs for months).
         self.history: deque[ConfigChange] = deque(maxlen=HISTORY)
         self._staged: list[ConfigChange] = []
+        self._shed: frozenset[int] = frozenset()
         self._closed = False
         self._lost_controller: ConfigChange | None = None  # last change while not running
         self.callback_errors = 0  # on_release calls that raised (logged; serving went on)
@@ -251,13 +252,48 @@ class Runtime:
         return (outcome.site_confidence[rows], outcome.site_prediction[rows] == final[:, None],
                 weight, skipped)
 
-    def _log_batch(self, outcome: BatchOutcome) -> None:
+    def request_record(self, outcome: BatchOutcome) -> tuple[np.ndarray, ...]:
+        """Per request of a batch: exit site (-1: final head), propensity (the probability that
+        its answer was compared with the unmodified model's), observed (it was), disagreed (it
+        was and differed): what the request log keeps (``apparate.runtime.record``).
+        ``observed / propensity * disagreed`` estimates each request's disagreement unbiasedly."""
         exited = outcome.exit_site >= 0
         observed = outcome.final_prediction >= 0
         propensity = np.where(exited & (self.mode == "compact"),
                               self.forward.feedback_fraction, 1.0)
         disagreed = observed & exited & (outcome.prediction != outcome.final_prediction)
-        self.log.record(outcome.release_time, outcome.exit_site, propensity, observed, disagreed)
+        return outcome.exit_site, propensity, observed, disagreed
+
+    def _log_batch(self, outcome: BatchOutcome) -> None:
+        self.log.record(outcome.release_time, *self.request_record(outcome))
+
+    # -- overload ------------------------------------------------------------------------
+
+    @property
+    def shed(self) -> frozenset[int]:
+        """Sites switched off by ``shed_ramps`` (the controller's choice is kept underneath)."""
+        return self._shed
+
+    def shed_ramps(self, sites) -> None:
+        """Switch the ramps at ``sites`` (indices) off from the next batch on, whatever the
+        controller chooses, until ``restore_ramps``: an overloaded server's way to buy back the
+        time they cost. Shedding only removes exits, so the accuracy constraint still holds."""
+        chosen = frozenset(int(s) for s in sites)
+        if any(not 0 <= s < len(self.ee.sites) for s in chosen):
+            raise ValueError(f"sites must be in [0, {len(self.ee.sites)}); got {sorted(chosen)}")
+        self._set_shed(self._shed | chosen, f"overload: shed {sorted(chosen)}")
+
+    def restore_ramps(self) -> None:
+        """Undo ``shed_ramps``: the controller's configuration again from the next batch on."""
+        self._set_shed(frozenset(), "overload over: ramps restored")
+
+    def _set_shed(self, shed: frozenset[int], reason: str) -> None:
+        self._check_open()
+        if shed == self._shed:
+            return
+        self._shed = shed
+        last = self._lost_controller or self.history[-1]
+        self._staged.append(ConfigChange(last.active, last.thresholds, reason))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -301,44 +337,23 @@ class Runtime:
 
     def _generate(self, prompts, max_new_tokens, kv_strategy, mode, on_token, tokenizer,
                   results: list[Generation]):
-        decoder = self._decoder()
-        self._check_open()
-        if mode not in GENERATE_MODES:
-            raise ValueError(f"mode must be one of {GENERATE_MODES}; got {mode!r}")
-        strategy = decoder.strategy if kv_strategy is None else kv_strategy
-        if strategy not in STRATEGIES:
-            raise ValueError(f"kv_strategy must be one of {STRATEGIES}; got {strategy!r}")
-        decoder.strategy = strategy
-        events: list[tuple[int, int, str | None]] = []
-
-        def record(index: int, token: int, site: str | None) -> None:
-            events.append((index, token, site))
-            if on_token is not None:
-                on_token(index, token, site)
-
-        waiting = decoder.sequences(prompts, max_new_tokens, tokenizer)
+        session = self.session(kv_strategy=kv_strategy, mode=mode, tokenizer=tokenizer)
+        waiting = self._decoder().sequences(prompts, max_new_tokens, tokenizer)
         results.extend(seq.out for seq in waiting)
-        waiting = [seq for seq in waiting if seq.out.error is None]
-        if mode == "lossless" and decoder.lossless.uncalibrated:
-            decoder.lossless.calibrate(decoder.cache.slots, self.device)
-        while waiting or decoder.live:
-            while waiting and decoder.free:
-                decoder.admit(waiting.pop(0), record)
-                decoder.release_finished()
-            if decoder.live:
-                self._apply_staged()
-                if mode == "lossless":
-                    decoder.lossless_step(record)
-                else:
-                    decoder.step(record)
-                    feedback = decoder.take_feedback()
-                    if feedback is not None and self._window is not None:
-                        self._window.record(*feedback)
-                    if self.controller is not None and self.controller.due():
-                        self.control_step()
-                decoder.release_finished()
-            yield from events
-            events.clear()
+        for seq in waiting:
+            session.add_sequence(seq)
+        while session.busy:
+            for event in session.step():
+                if on_token is not None:
+                    on_token(*event)
+                yield event
+
+    def session(self, *, kv_strategy: str | None = None, mode: str = "exits", tokenizer=None
+                ) -> "DecodeSession":
+        """Continuous decoding: prompts join whenever they arrive and decode in the free cache
+        slots (``DecodeSession``); what ``generate`` and the serving engine run on. One session
+        at a time per runtime."""
+        return DecodeSession(self, kv_strategy, mode, tokenizer)
 
     def _decoder(self) -> Decoder:
         if self.decoder is None:
@@ -404,9 +419,11 @@ class Runtime:
     def _apply(self, change: ConfigChange) -> None:
         """Serve a configuration from the next batch on (serving thread, between batches)."""
         if self._lost_controller is not None and not change.reason.startswith("controller "):
-            self._lost_controller = change  # resumes with the newest once the process runs
+            if not change.reason.startswith("overload"):  # the shed set applies on resuming
+                self._lost_controller = change  # resumes with the newest once the process runs
             return
-        (self.forward or self.decoder).configure(change.active, change.thresholds)
+        active = tuple(site for site in change.active if site not in self._shed)
+        (self.forward or self.decoder).configure(active, change.thresholds)
         self.history.append(change)
 
     def _check_open(self) -> None:
@@ -469,3 +486,97 @@ def _as_tensors(batch):
                             + (": wrap it with torch.from_numpy" if type(part).__module__ ==
                                "numpy" else ""))
     return batch
+
+
+class DecodeSession:
+    """Decoding on a runtime's cache slots as prompts come: ``add`` a prompt at any time, call
+    ``step`` while ``busy``. Each step first gives free slots to waiting prompts (prefill), then
+    decodes one token for every live sequence, and returns the (key, token, site) events it
+    produced; ``take_finished`` hands over the sequences that have ended since its last call.
+    ``cancel`` ends a sequence and frees its slot."""
+
+    def __init__(self, runtime: Runtime, kv_strategy: str | None, mode: str, tokenizer):
+        decoder = runtime._decoder()
+        runtime._check_open()
+        if mode not in GENERATE_MODES:
+            raise ValueError(f"mode must be one of {GENERATE_MODES}; got {mode!r}")
+        strategy = decoder.strategy if kv_strategy is None else kv_strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"kv_strategy must be one of {STRATEGIES}; got {strategy!r}")
+        decoder.strategy = strategy
+        if mode == "lossless" and decoder.lossless.uncalibrated:
+            decoder.lossless.calibrate(decoder.cache.slots, runtime.device)
+        self.runtime, self.decoder, self.mode, self.tokenizer = runtime, decoder, mode, tokenizer
+        self.waiting: list = []
+        self.finished: list[tuple[int, Generation]] = []
+        self._events: list[tuple[int, int, str | None]] = []
+
+    @property
+    def busy(self) -> bool:
+        """Prompts are waiting for a slot or decoding."""
+        return bool(self.waiting or self.decoder.live)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self.decoder.free) - len(self.waiting)
+
+    def add(self, key: int, prompt, max_new_tokens: int) -> Generation:
+        """Queue one prompt (token ids, or a text with the session's tokenizer) under ``key``
+        (the first item of its events). A prompt that cannot be decoded comes back at once
+        with ``finish="error"`` and its message, and never decodes."""
+        (seq,) = self.decoder.sequences([prompt], [max_new_tokens], self.tokenizer)
+        seq.index = key
+        if seq.out.error is not None:
+            seq.out.error = seq.out.error.removeprefix("prompt 0: ")
+        return self.add_sequence(seq)
+
+    def add_sequence(self, seq) -> Generation:
+        if seq.out.error is None:
+            self.waiting.append(seq)
+        return seq.out
+
+    def cancel(self, key: int) -> bool:
+        """Stop the sequence ``key``: it decodes no further token (finish "cancelled")."""
+        for seq in self.waiting:
+            if seq.index == key:
+                self.waiting.remove(seq)
+                seq.out.finish = "cancelled"
+                self.finished.append((key, seq.out))
+                return True
+        for seq in self.decoder.live:
+            if seq.index == key and not seq.done:
+                seq.out.finish, seq.done = "cancelled", True
+                self._release()  # at once unless it has positions to catch up
+                return True
+        return False
+
+    def take_finished(self) -> list[tuple[int, Generation]]:
+        """(key, output) of every sequence that ended (eos, length, cancelled) since the last
+        call."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def step(self) -> list[tuple[int, int, str | None]]:
+        runtime, decoder = self.runtime, self.decoder
+        runtime._check_open()
+        record = self._events.append
+        while self.waiting and decoder.free:
+            decoder.admit(self.waiting.pop(0), lambda *event: record(event))
+            self._release()
+        if decoder.live:
+            runtime._apply_staged()
+            if self.mode == "lossless":
+                decoder.lossless_step(lambda *event: record(event))
+            else:
+                decoder.step(lambda *event: record(event))
+                feedback = decoder.take_feedback()
+                if feedback is not None and runtime._window is not None:
+                    runtime._window.record(*feedback)
+                if runtime.controller is not None and runtime.controller.due():
+                    runtime.control_step()
+            self._release()
+        events, self._events = self._events, []
+        return events
+
+    def _release(self) -> None:
+        self.finished += [(seq.index, seq.out) for seq in self.decoder.release_finished()]

@@ -1,29 +1,22 @@
-"""The serving loop shared by the unmodified model and apparate.
+"""The benchmark serving loop: a stream of requests sent to an ``Engine`` at their arrival times.
 
-Requests arrive in real time (a feeder thread puts each one in the queue at its arrival time);
-the batcher takes the first waiting request, then more until the batch is full or the first
-request has waited ``max_delay_ms``; the engine answers the batch and releases each answer
-through a callback, possibly before the batch finishes. A request's latency is its queueing
-plus compute until its answer is released.
+The caller's thread submits each request at its arrival time (one sample per request) to an
+``apparate.serve.Engine`` over the target (the unmodified model, a runtime, or a backend), whose
+batcher takes the first waiting request, then more until the batch is full or the first request
+has waited ``max_delay_ms``, and releases each answer as soon as it is known. A request's latency
+is its queueing plus compute until its answer is released.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from apparate.runtime.forward import Release, ReleaseCallback
-
-Engine = Callable[[tuple[Tensor, ...], ReleaseCallback], None]
-"""engine(inputs, on_release): answers one batch; on_release(Release) for each group of rows
-whose answers are known."""
+from apparate.serve.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -74,85 +67,37 @@ def fixed_rate_arrivals(n: int, rate_hz: float) -> np.ndarray:
     return np.arange(n) / rate_hz
 
 
-def serve(engine: Engine, stream: Sequence[Tensor], arrivals: np.ndarray,
+def serve(target, stream: Sequence[Tensor], arrivals: np.ndarray,
           config: BatchingConfig = BatchingConfig(), progress: Callable[[int], None] | None = None
           ) -> ServeLog:
-    """Serve ``stream`` (batch-first tensors, one row per request) arriving at ``arrivals``."""
+    """Serve ``stream`` (batch-first tensors, one row per request) arriving at ``arrivals`` on
+    an ``Engine(target)`` (an ``nn.Module``, a ``Runtime`` or a ``backend(inputs, on_release)``;
+    no overload shedding, a queue as long as the stream); progress(k) as k answers come."""
     n = stream[0].shape[0]
     if len(arrivals) != n:
         raise ValueError(f"arrivals has {len(arrivals)} entries for {n} requests")
-    waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
+    engine = Engine(target, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+                    max_queue=max(n, 1), shed=False, name="serve")
+    if progress is not None:
+        engine.add_listener(lambda ticket: progress(1))
+    arrival = np.asarray(arrivals, dtype=float)
+    tickets = []
     start = time.perf_counter() + 0.01
-    log = ServeLog(np.asarray(arrivals, dtype=float), np.full(n, np.nan), np.full(n, -1),
-                   np.full(n, -1), np.zeros(n, dtype=int), np.full(n, np.nan), start)
-
-    def feed():
-        for i, t in enumerate(log.arrival):
+    try:
+        for i, t in enumerate(arrival):
             delay = start + t - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            waiting.put(i)
-
-    feeder = threading.Thread(target=feed, name="apparate-arrivals", daemon=True)
-    feeder.start()
-    served = 0
-    delay = config.max_delay_ms / 1e3
-    while served < n:
-        batch = [waiting.get()]
-        deadline = start + log.arrival[batch[0]] + delay
-        while len(batch) < config.max_batch:
-            try:
-                batch.append(waiting.get_nowait())
-            except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(waiting.get(timeout=remaining))
-                except queue.Empty:
-                    break
-        ids = np.asarray(batch)
-        index = torch.from_numpy(ids)
-        inputs = tuple(t.index_select(0, index) for t in stream)
-
-        def on_release(release: Release, ids=ids):
-            requests = ids[release.rows]
-            log.release[requests] = release.time - start
-            log.prediction[requests] = release.predictions
-            log.exit_site[requests] = release.site
-
-        log.batch_start[ids] = time.perf_counter() - start
-        engine(inputs, on_release)
-        log.batch_size[ids] = len(ids)
-        served += len(ids)
-        if progress is not None:
-            progress(len(ids))
-    feeder.join()
-    if np.isnan(log.release).any():
-        raise RuntimeError("the engine did not release every request")
-    return log
-
-
-class VanillaEngine:
-    """The unmodified model: every answer is released when the batch finishes."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    @torch.no_grad()
-    def __call__(self, inputs, on_release):
-        output = self.model(*inputs)
-        logits = getattr(output, "logits", output)
-        predictions = logits.argmax(1).cpu().numpy()
-        on_release(Release(np.arange(len(predictions)), predictions,
-                           np.full(len(predictions), np.nan), -1, time.perf_counter()))
-
-
-class RuntimeEngine:
-    """apparate's runtime: answers are released as each sample exits."""
-
-    def __init__(self, runtime):
-        self.runtime = runtime
-
-    def __call__(self, inputs, on_release):
-        self.runtime.forward_batch(inputs, on_release)
+            tickets.append(engine.submit(tuple(part[i:i + 1] for part in stream)))
+    finally:
+        engine.close(timeout=None)
+    failed = [t for t in tickets if t.status != "answered"]
+    if failed:
+        raise RuntimeError(f"the engine did not release every request: {len(failed)} of {n} "
+                           f"unanswered ({failed[0].exception()})")
+    answers = [t.result(0) for t in tickets]
+    return ServeLog(arrival, np.array([a.released - start for a in answers]),
+                    np.array([a.prediction for a in answers]),
+                    np.array([a.exit_index for a in answers]),
+                    np.array([a.batch_size for a in answers]),
+                    np.array([a.started - start for a in answers]), start)

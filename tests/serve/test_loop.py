@@ -10,8 +10,7 @@ import torch
 
 import apparate
 from apparate.runtime.forward import Release
-from apparate.serve.loop import (BatchingConfig, RuntimeEngine, VanillaEngine,
-                                 fixed_rate_arrivals, poisson_arrivals, serve)
+from apparate.serve.loop import BatchingConfig, fixed_rate_arrivals, poisson_arrivals, serve
 from tests.helpers import separable
 
 
@@ -87,13 +86,13 @@ def test_vanilla_and_runtime_engines_answer_like_the_model(tmp_path, trained_cnn
     with torch.no_grad():
         vanilla = model(stream).argmax(1).numpy()
     arrivals = poisson_arrivals(400, 2000.0)
-    log = serve(VanillaEngine(model), (stream,), arrivals, BatchingConfig(8, 2.0))
+    log = serve(model, (stream,), arrivals, BatchingConfig(8, 2.0))
     assert (log.prediction == vanilla).all()
     ee = apparate.prepare(model, stream[:4])
     ee.train_ramps(separable(300), epochs=5, progress=False)
     # A 5% constraint, so that the guarded controller opens within a few hundred requests.
     with apparate.Runtime(ee, accuracy_constraint=0.05, ramp_budget=0.5,
                           example_inputs=(stream[:4],), profile_cache=tmp_path) as runtime:
-        log = serve(RuntimeEngine(runtime), (stream,), arrivals, BatchingConfig(8, 2.0))
+        log = serve(runtime, (stream,), arrivals, BatchingConfig(8, 2.0))
     assert (log.prediction == vanilla).mean() >= 0.95
     assert (log.exit_site >= 0).any(), "some requests should leave at a ramp"
