@@ -95,6 +95,59 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     checked.add_argument("--out", type=Path, default=None, metavar="DIR",
                          help="where report.json and report.png go (default: RUN_DIR)")
 
+    served = commands.add_parser(
+        "serve", help="serve a workload or checkpoint over HTTP (FastAPI + uvicorn)",
+        description="Serve a built-in workload or a checkpoint over HTTP: POST /v1/predict "
+                    "(classifiers; answered as each request's sample exits), POST "
+                    "/v1/completions and /v1/chat/completions (gen-smollm2; OpenAI's shapes, "
+                    "stream: true for server-sent events), GET /healthz, /readyz, /v1/status, "
+                    "/metrics (Prometheus) and / (a live page). A checkpoint is a ramp file "
+                    "(EEModel.save) with --factory MODULE:FUNCTION, the function returning the "
+                    "unmodified model (or (model, example_inputs)). SIGTERM finishes the "
+                    "requests in flight, then stops.")
+    served.add_argument("target", metavar="WORKLOAD_OR_CHECKPOINT",
+                        help="nlp-sentiment, cv-fashion, cv-video, gen-smollm2, or a ramp file")
+    served.add_argument("--factory", metavar="MODULE:FUNCTION",
+                        help="checkpoints: what builds the unmodified model")
+    served.add_argument("--tokenizer", metavar="MODULE:FUNCTION",
+                        help="decoder checkpoints: what builds the tokenizer")
+    served.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    served.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    served.add_argument("--mode", choices=MODES, default="release", help="default: %(default)s")
+    served.add_argument("--vanilla", action="store_true",
+                        help="serve the unmodified model through the same server (no exits), "
+                             "to compare against")
+    served.add_argument("--max-batch", type=int, default=16, metavar="N",
+                        help="largest batch (generation: ignored, see --slots; default: "
+                             "%(default)s)")
+    served.add_argument("--max-delay-ms", type=float, default=5.0, metavar="MS",
+                        help="longest a request waits for its batch to fill (default: "
+                             "%(default)s)")
+    served.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                        help="requests that may wait; more are refused with 503 (default: "
+                             "%(default)s)")
+    served.add_argument("--shed-mark", type=int, default=None, metavar="N",
+                        help="queue depth that counts as overload: the ramp that exits least "
+                             "is shed (default: half of --max-queue)")
+    served.add_argument("--no-shed", action="store_true", help="never shed ramps")
+    served.add_argument("--accuracy-constraint", type=float, default=0.01, metavar="FRACTION",
+                        help="default: %(default)s")
+    served.add_argument("--ramp-budget", type=float, default=0.02, metavar="FRACTION",
+                        help="default: %(default)s")
+    served.add_argument("--guarantee", choices=GUARANTEES, default="guarded",
+                        help="default: %(default)s")
+    served.add_argument("--slots", type=int, default=8, metavar="N",
+                        help="generation: sequences decoded at once (default: %(default)s)")
+    served.add_argument("--max-length", type=int, default=512, metavar="N",
+                        help="generation: cache positions per sequence, prompt included "
+                             "(default: %(default)s)")
+    served.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="generation: the default max_tokens (default: %(default)s)")
+    served.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
+                        help="write the per-request record there (apparate report DIR)")
+    served.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                        help="larger request bodies get 413 (default: %(default)s)")
+
     bench = commands.add_parser("bench", help="benchmarks that ship with the package",
                                 description="Benchmarks that run from the installed package.")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -173,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sites(args, parser)
     if args.command == "report":
         return _report(args, parser)
+    if args.command == "serve":
+        return _serve(args, parser)
     if args.command == "demo" and args.workload == GENERATIVE:
         return _generative_demo(args.out / args.workload, parser)
     if args.command == "demo":
@@ -202,6 +257,30 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.exit(1, f"apparate report: {error}\n")
     print(report.summary(checked))
     print(f"report.json and report.png: {args.out or args.run_dir}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from apparate.serve import server
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        parser.exit(1, f"apparate serve needs the serve extra (pip install 'apparate[serve]'): "
+                       f"{error}\n")
+    config = server.ServeConfig(
+        mode=args.mode, vanilla=args.vanilla, max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, shed=not args.no_shed,
+        shed_mark=args.shed_mark, accuracy_constraint=args.accuracy_constraint,
+        ramp_budget=args.ramp_budget, guarantee=args.guarantee, slots=args.slots,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, log_dir=args.log_dir)
+    try:
+        served = server.build(args.target, config, args.factory, args.tokenizer)
+    except (ValueError, TypeError, ImportError, AttributeError, FileNotFoundError) as error:
+        parser.exit(1, f"apparate serve: {error}\n")
+    server.run(served, args.host, args.port, args.max_body_bytes)
     return 0
 
 

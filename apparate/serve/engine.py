@@ -53,6 +53,8 @@ __all__ = ["Answer", "Cancelled", "Completion", "DeadlineExceeded", "Engine", "E
            "EngineError", "EngineStopped", "QueueFull", "Ticket"]
 
 RECENT = 4096  # answers kept for the status's recent latencies and agreement interval
+TIMELINE = 900  # status samples kept (one per TIMELINE_EVERY_S of serving)
+TIMELINE_EVERY_S = 1.0
 
 
 class EngineError(RuntimeError):
@@ -315,6 +317,9 @@ class _Stats:
     restore_events: int = 0
     exits: Counter = field(default_factory=Counter)  # site name or "final" -> answers
     latencies: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # seconds
+    # Classification: each answer's latency had it been held to its batch's end (what a
+    # server without early release would have given for the same batches), seconds.
+    held: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     terms: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # disagreement estimates
     observed: int = 0  # compared with the unmodified model
     disagreed: int = 0
@@ -375,6 +380,9 @@ class Engine:
         self.stats = _Stats()
         self._stats_lock = threading.Lock()
         self.overload_events: deque[dict] = deque(maxlen=256)
+        # One sample per TIMELINE_EVERY_S of serving: what the live page plots over time.
+        self.timeline: deque[dict] = deque(maxlen=TIMELINE)
+        self._sampled = 0.0
         self._ids = itertools.count()
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -486,7 +494,6 @@ class Engine:
         measured agreement with the unmodified model with a 95% interval."""
         st = self.stats
         answered = sum(st.exits.values())
-        latencies = np.array(st.latencies) * 1e3
         out = {
             "name": self.name, "kind": self.kind, "mode": self.mode, "health": self.health,
             "queue_depth": self.queue_depth, "max_queue": self.max_queue,
@@ -499,9 +506,10 @@ class Engine:
             "shed_events": st.shed_events, "restore_events": st.restore_events,
             "exits": dict(st.exits),
             "exit_fractions": {k: v / answered for k, v in st.exits.items()} if answered else {},
-            "latency_ms": {f"p{q}": float(np.percentile(latencies, q)) if latencies.size else None
-                           for q in (50, 95, 99)},
+            "latency_ms": _percentiles(st.latencies),
+            "held_latency_ms": _percentiles(st.held),
             "overload_events": list(self.overload_events),
+            "timeline": list(self.timeline),
         }
         if self.runtime is not None:
             rt = self.runtime
@@ -607,7 +615,10 @@ class Engine:
                         ticket.submitted, started, float(release.time), size))
 
             outcome = self._backend(inputs, on_release)
+            ended = time.perf_counter()
             self.stats.batches += 1
+            self.stats.held.extend(ended - r.ticket.submitted for r in batch
+                                   if r.ticket.status == "answered")
             if self.runtime is not None:
                 self._tally(outcome)
             with self._cond:
@@ -618,6 +629,7 @@ class Engine:
                             "the runtime released no answer for this request"))
                 self._cond.notify_all()
             self._overload()
+            self._sample()
 
     def _decode_loop(self) -> None:
         session = self._session
@@ -657,6 +669,7 @@ class Engine:
                     list(out.tokens), list(out.exit_sites), list(out.token_times), out.finish,
                     len(request.sequence.prompt), out.prefill_s, ticket.submitted,
                     ticket.started, out.token_times[-1] if out.token_times else ticket.started))
+            self._sample()
 
     def _cancelled(self, ticket: Ticket) -> None:
         with self._cond:
@@ -754,6 +767,23 @@ class Engine:
         return {"value": 1.0 - rate, "lower": 1.0 - hi, "upper": 1.0 - lo,
                 "confidence": 1 - delta, "basis": basis}
 
+    def _sample(self) -> None:
+        now = time.perf_counter()
+        if now - self._sampled < TIMELINE_EVERY_S:
+            return
+        self._sampled = now
+        st = self.stats
+        point = {"t": time.time(), "queue_depth": self.queue_depth,
+                 "answered": st.answered, "p50_ms": _percentiles(st.latencies)["p50"],
+                 "held_p50_ms": _percentiles(st.held)["p50"]}
+        if self.runtime is not None:
+            rt, current = self.runtime, self.runtime.history[-1]
+            point["thresholds"] = {
+                self._names[s]: float(current.thresholds[s]) for s in current.active
+                if s not in rt.shed and math.isfinite(current.thresholds[s])}
+            point["agreement"] = self._agreement()
+        self.timeline.append(point)
+
     def _overload(self) -> None:
         if self.shed_mark is None:
             return
@@ -792,3 +822,9 @@ class Engine:
             self.stats.restore_events += 1
         log.warning("apparate: engine %s: queue depth %d: %s ramps %s", self.name, depth,
                     "shed" if action == "shed" else "restored", ", ".join(ramps))
+
+
+def _percentiles(seconds) -> dict[str, float | None]:
+    values = np.fromiter(seconds, float) * 1e3
+    return {f"p{q}": float(np.percentile(values, q)) if values.size else None
+            for q in (50, 95, 99)}
