@@ -4,11 +4,10 @@ the e2e benchmark."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
+from apparate._factory import load_factory
 from apparate._version import __version__
 from apparate.control.guarantee import GUARANTEES
 from apparate.demo._extra import require_extra
@@ -304,22 +303,6 @@ def _generative_demo(out: Path, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _factory(spec: str):
-    module_name, _, attribute = spec.rpartition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"expected MODULE:FACTORY (e.g. my_models:build); got {spec!r}")
-    if module_name.endswith(".py"):
-        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        if loader is None:
-            raise ValueError(f"{module_name} is not a Python file")
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-    else:
-        sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(module_name)
-    return getattr(module, attribute)
-
-
 def _example(shapes: list[str], batch: int):
     import torch
 
@@ -351,7 +334,7 @@ def _sites(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from apparate.models.ee_model import prepare
 
     try:
-        made = _factory(args.factory)()
+        made = load_factory(args.factory)()
         model, example = made if isinstance(made, tuple) else (made, None)
         if example is None:
             if not args.input_shape:

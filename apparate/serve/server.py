@@ -149,10 +149,10 @@ def _generation(config: ServeConfig, progress: bool) -> Served:
 def _checkpoint(path: Path, factory: str, tokenizer: str | None, config: ServeConfig) -> Served:
     import torch
 
-    from apparate.cli import _factory
+    from apparate._factory import load_factory
     from apparate.models import load
 
-    made = _factory(factory)()
+    made = load_factory(factory)()
     model, example = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
@@ -162,7 +162,7 @@ def _checkpoint(path: Path, factory: str, tokenizer: str | None, config: ServeCo
             raise ValueError(f"{path} holds a decoder's exits: give --tokenizer MODULE:FUNCTION")
         runtime = _runtime(ee, config)
         engine = _engine(runtime, config, path.stem, max_new_tokens=config.max_new_tokens)
-        return Served(engine, PromptCodec(_factory(tokenizer)()), path.stem, [runtime.close])
+        return Served(engine, PromptCodec(load_factory(tokenizer)()), path.stem, [runtime.close])
     if tokenizer is not None:
         raise ValueError(f"{path} holds a classifier's ramps: --tokenizer applies to decoders")
     example = ee.input_spec.example(8) if example is None else example
