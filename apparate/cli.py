@@ -146,6 +146,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         help="write the per-request record there (apparate report DIR)")
     served.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                         help="larger request bodies get 413 (default: %(default)s)")
+    served.add_argument("--ray", action="store_true",
+                        help="serve on Ray Serve (pip install 'ray[serve]'): --replicas "
+                             "replicas behind Ray's HTTP proxy, thresholds tuned once for the "
+                             "fleet; joins RAY_ADDRESS, else starts a local cluster")
+    served.add_argument("--replicas", type=int, default=2, metavar="N",
+                        help="with --ray (default: %(default)s)")
 
     bench = commands.add_parser("bench", help="benchmarks that ship with the package",
                                 description="Benchmarks that run from the installed package.")
@@ -275,6 +281,16 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         shed_mark=args.shed_mark, accuracy_constraint=args.accuracy_constraint,
         ramp_budget=args.ramp_budget, guarantee=args.guarantee, slots=args.slots,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, log_dir=args.log_dir)
+    if args.ray:
+        try:
+            import ray.serve  # noqa: F401
+
+            from apparate.serve import ray as on_ray
+        except ImportError as error:
+            parser.exit(1, f"apparate serve --ray needs ray[serve]: {error}\n")
+        on_ray.run(args.target, config, replicas=args.replicas, factory=args.factory,
+                   tokenizer=args.tokenizer, host=args.host, port=args.port)
+        return 0
     try:
         served = server.build(args.target, config, args.factory, args.tokenizer)
     except (ValueError, TypeError, ImportError, AttributeError, FileNotFoundError) as error:

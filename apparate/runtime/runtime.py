@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import queue
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -153,6 +154,8 @@ class Runtime:
         self.history: deque[ConfigChange] = deque(maxlen=HISTORY)
         self._staged: list[ConfigChange] = []
         self._shed: frozenset[int] = frozenset()
+        self._external = False  # detach_controller: configurations come from publish
+        self._published: queue.SimpleQueue[ConfigChange] = queue.SimpleQueue()  # any thread
         self._closed = False
         self._lost_controller: ConfigChange | None = None  # last change while not running
         self.callback_errors = 0  # on_release calls that raised (logged; serving went on)
@@ -177,6 +180,7 @@ class Runtime:
                 "delta": float(delta), "mode": mode, "feedback_fraction": feedback_fraction,
                 "sites": [site.name for site in ee.sites], "warm_rows": self.warm_rows})
         # In the serving thread (background=False) or in its own process.
+        self.controller_config = config  # what a fleet's coordinator tunes with (detach_controller)
         self.controller = None if background else Controller(config, self._window)
         self._process = ControllerProcess(config, self._window) if background else None
         self._apply(self._process.first if background else self.controller.start())
@@ -266,6 +270,40 @@ class Runtime:
 
     def _log_batch(self, outcome: BatchOutcome) -> None:
         self.log.record(outcome.release_time, *self.request_record(outcome))
+
+    # -- an outside controller (a fleet's coordinator) --------------------------------------
+
+    def detach_controller(self) -> None:
+        """Hand the choice of configurations to someone else (``apparate.serve.ray``'s
+        coordinator, tuning for a fleet): the runtime's own controller stops, ``feedback``
+        reads the rows serving leaves, ``publish`` stages what to serve."""
+        self._check_open()
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+        self.controller = None
+        self._external = True
+        self._lost_controller = None
+
+    @property
+    def feedback_recorded(self) -> int:
+        """Feedback rows recorded since the start (``feedback(since=...)`` takes the newer)."""
+        return 0 if self._window is None else self._window.total_recorded
+
+    def feedback(self, since: int = 0):
+        """The feedback window's rows recorded after the first ``since`` (a ``Feedback``)."""
+        self._check_open()
+        return self._window.snapshot(since)
+
+    def publish(self, active, thresholds, reason: str = "published") -> None:
+        """Serve ``active`` sites with ``thresholds`` (one per site, +inf: closed) from the next
+        batch on (after ``detach_controller``); callable from any thread."""
+        self._check_open()
+        values = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+        if values.shape != (len(self.ee.sites),):
+            raise ValueError(f"thresholds: expected {len(self.ee.sites)} values; got "
+                             f"{values.shape}")
+        self._published.put(ConfigChange(tuple(int(a) for a in active), values, reason))
 
     # -- overload ------------------------------------------------------------------------
 
@@ -370,12 +408,15 @@ class Runtime:
 
     @property
     def controller_health(self) -> str:
-        """"in-thread" (background=False), "closed", or the controller process's
+        """"in-thread" (background=False), "external" (``detach_controller``), "closed", or the
+        controller process's
         ``ControllerProcess.health()``: "running", "wedged" (no heartbeat for 2 s) or "dead".
         While it is not running, the runtime serves no exits (the one configuration that is
         safe without feedback) and goes back to the controller's when it runs again."""
         if self._closed:
             return "closed"
+        if self._external:
+            return "external"
         return "in-thread" if self._process is None else self._process.health()
 
     def restart_controller(self) -> None:
@@ -390,6 +431,8 @@ class Runtime:
         self._lost_controller = None
 
     def _apply_staged(self) -> None:
+        while not self._published.empty():
+            self._staged.append(self._published.get_nowait())
         if self._process is not None:
             self._staged += self._process.changes()
             self._watch_controller()

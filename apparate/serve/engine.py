@@ -87,8 +87,8 @@ class Answer:
     """One classification request's answer: prediction; exit_site (the ramp's site name, None
     for the final head) and exit_index (its index in ``ee.sites``, -1 for the final head);
     confidence (the ramp's, NaN for the final head); perf_counter times:
-    submitted, started (its batch began), released (its answer was known); batch_size: the
-    batch it ran in."""
+    submitted, started (its batch began), released (its answer was known); batch_size and
+    batch: the size and the engine's number of the batch it ran in."""
 
     prediction: int
     exit_site: str | None
@@ -98,6 +98,7 @@ class Answer:
     started: float
     released: float
     batch_size: int
+    batch: int
 
     @property
     def latency_s(self) -> float:
@@ -602,7 +603,7 @@ class Engine:
             for request in batch:
                 request.ticket.started = started
             inputs = tuple(torch.cat(parts) for parts in zip(*(r.inputs for r in batch)))
-            names, size = self._names, len(batch)
+            names, size, number = self._names, len(batch), self.stats.batches
 
             def on_release(release: Release):
                 site = names[release.site] if release.site >= 0 and names else None
@@ -612,7 +613,7 @@ class Engine:
                     ticket = batch[row].ticket
                     ticket._settle("answered", Answer(
                         int(prediction), site, int(release.site), float(confidence),
-                        ticket.submitted, started, float(release.time), size))
+                        ticket.submitted, started, float(release.time), size, number))
 
             outcome = self._backend(inputs, on_release)
             ended = time.perf_counter()

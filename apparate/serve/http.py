@@ -25,6 +25,7 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import resources
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +71,62 @@ class ChatBody(BaseModel):
     stream: bool = False
     model: str | None = None
     deadline_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+@dataclass
+class Reply:
+    """One /v1/predict answer: HTTP status, JSON payload, headers, the outcome it counts as
+    (answered, bad_request, rejected, unavailable, deadline, error) and the engine's
+    ``Answer`` when there is one."""
+
+    status: int
+    payload: dict
+    outcome: str
+    headers: dict | None = None
+    answer: Answer | None = None
+
+
+def refusal(exc: EngineError) -> Reply:
+    """The reply for a request the engine did not answer."""
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, QueueFull):
+        return Reply(503, {"detail": str(exc)}, "rejected", retry)
+    if isinstance(exc, EngineStopped):
+        return Reply(503, {"detail": str(exc)}, "unavailable", retry)
+    if isinstance(exc, DeadlineExceeded):
+        return Reply(504, {"detail": str(exc)}, "deadline")
+    return Reply(500, {"detail": str(exc)}, "error")
+
+
+async def predict_reply(engine: Engine, codec, body: dict,
+                        default_deadline_s: float | None) -> Reply:
+    """Submit one /v1/predict body and await its answer: the contract the HTTP server and the
+    Ray Serve replicas share."""
+    deadline_ms = body.get("deadline_ms")
+    deadline = default_deadline_s if deadline_ms is None else deadline_ms / 1e3
+    try:
+        inputs = codec.inputs(body)
+        ticket = engine.submit(inputs, deadline=deadline)
+    except BadRequest as exc:
+        return Reply(400, {"detail": {"field": exc.field, "error": exc.message}}, "bad_request")
+    except (ValueError, TypeError) as exc:
+        return Reply(400, {"detail": {"field": "body", "error": str(exc)}}, "bad_request")
+    except EngineError as exc:
+        return refusal(exc)
+    try:
+        answer: Answer = await ticket.wait()
+    except EngineError as exc:
+        return refusal(exc)
+    except asyncio.CancelledError:
+        ticket.cancel()  # the client went away
+        raise
+    confidence = answer.confidence if math.isfinite(answer.confidence) else None
+    return Reply(200, {"id": f"req-{ticket.id}", "request_id": body.get("request_id"),
+                       "prediction": answer.prediction, "label": codec.label(answer.prediction),
+                       "exit_site": answer.exit_site, "confidence": confidence,
+                       "batch_size": answer.batch_size, "batch": answer.batch,
+                       "timings": answer.timings_ms()},
+                 "answered", answer=answer)
 
 
 class Metrics:
@@ -216,15 +273,9 @@ def create_app(engine: Engine, codec, *, model_name: str = "apparate",
         return JSONResponse({"detail": jsonable(exc.errors())}, status_code=422)
 
     def refused(exc: EngineError, endpoint: str):
-        if isinstance(exc, QueueFull):
-            return error(503, str(exc), endpoint, "rejected",
-                         {"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(exc, EngineStopped):
-            return error(503, str(exc), endpoint, "unavailable",
-                         {"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(exc, DeadlineExceeded):
-            return error(504, str(exc), endpoint, "deadline")
-        return error(500, str(exc), endpoint, "error")
+        reply = refusal(exc)
+        metrics.requests.labels(endpoint, reply.outcome).inc()
+        return JSONResponse(reply.payload, status_code=reply.status, headers=reply.headers)
 
     def deadline_of(value) -> float | None:
         if value is None:
@@ -233,34 +284,15 @@ def create_app(engine: Engine, codec, *, model_name: str = "apparate",
 
     @app.post("/v1/predict")
     async def predict(body: PredictBody):
-        endpoint = "predict"
         if generation:
             return error(404, "this server serves a generative model: POST /v1/completions",
-                         endpoint, "bad_request")
-        try:
-            inputs = codec.inputs(body.model_dump())
-            ticket = engine.submit(inputs, deadline=deadline_of(body.deadline_ms))
-        except BadRequest as exc:
-            return error(400, {"field": exc.field, "error": exc.message}, endpoint,
-                         "bad_request")
-        except (ValueError, TypeError) as exc:
-            return error(400, {"field": "body", "error": str(exc)}, endpoint, "bad_request")
-        except EngineError as exc:
-            return refused(exc, endpoint)
-        try:
-            answer: Answer = await ticket.wait()
-        except EngineError as exc:
-            return refused(exc, endpoint)
-        except asyncio.CancelledError:
-            ticket.cancel()  # the client went away
-            raise
-        metrics.answered(endpoint, answer)
-        confidence = answer.confidence if math.isfinite(answer.confidence) else None
-        return {"id": f"req-{ticket.id}", "request_id": body.request_id,
-                "prediction": answer.prediction,
-                "label": codec.label(answer.prediction), "exit_site": answer.exit_site,
-                "confidence": confidence, "batch_size": answer.batch_size,
-                "timings": answer.timings_ms()}
+                         "predict", "bad_request")
+        reply = await predict_reply(engine, codec, body.model_dump(), default_deadline_s)
+        if reply.answer is not None:
+            metrics.answered("predict", reply.answer)
+        else:
+            metrics.requests.labels("predict", reply.outcome).inc()
+        return JSONResponse(reply.payload, status_code=reply.status, headers=reply.headers)
 
     async def complete(endpoint: str, ids_of, body, chat: bool):
         if not generation:

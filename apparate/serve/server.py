@@ -46,6 +46,7 @@ class ServeConfig:
     max_length: int = 512
     max_new_tokens: int = 128
     log_dir: Path | None = None
+    background: bool = True  # the runtime's controller in its own process (replicas: False)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def _runtime(ee, config: ServeConfig, example_inputs=None):
     decoder = getattr(ee, "task", "classification") == "generation"
     kwargs = dict(accuracy_constraint=config.accuracy_constraint,
                   ramp_budget=0.0 if config.vanilla else config.ramp_budget,
-                  guarantee=config.guarantee, log_dir=config.log_dir)
+                  guarantee=config.guarantee, log_dir=config.log_dir,
+                  background=config.background)
     if decoder:
         return Runtime(ee, batch_size=config.slots, max_length=config.max_length, **kwargs)
     batch = config.profile_batch or max(1.0, config.max_batch / 4)
