@@ -206,10 +206,15 @@ class Replica:
 
 def deployment(target: str, config: ServeConfig = ServeConfig(), *, replicas: int = 2,
                factory: str | None = None, tokenizer: str | None = None,
-               name: str = "apparate", num_cpus: float = 1.0, env: dict | None = None):
+               name: str = "apparate", num_cpus: float = 1.0, env: dict | None = None,
+               user_config: dict | None = None):
     """The Ray Serve application for ``target`` (as ``apparate serve`` takes it): ``replicas``
     replicas, each wrapping an Engine; bind it with ``ray.serve.run(app, route_prefix="/")``.
-    env: environment variables for the replicas' processes."""
+    env: environment variables for the replicas' processes; user_config: the ramp-set
+    settings (``{"disabled_ramps": [...]}``). A Serve config file (``serve deploy``) that
+    changes only user_config reconfigures the running replicas in place; a later ``serve.run``
+    from Python rolls them (Ray gives every ``serve.run`` a new code version), and the new
+    ones start with it."""
     from ray import serve
 
     if replicas < 1:
@@ -217,13 +222,13 @@ def deployment(target: str, config: ServeConfig = ServeConfig(), *, replicas: in
     options = {"num_cpus": num_cpus}
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
+    fields = {k: (str(v) if k == "log_dir" and v is not None else v)
+              for k, v in asdict(config).items() if k != "background"}
     replica = serve.deployment(
         Replica, name=name, num_replicas=replicas,
         max_ongoing_requests=max(2 * config.max_batch, 2),
         max_queued_requests=config.max_queue, ray_actor_options=options,
-        health_check_period_s=2, health_check_timeout_s=30)
-    fields = {k: (str(v) if k == "log_dir" and v is not None else v)
-              for k, v in asdict(config).items() if k != "background"}
+        health_check_period_s=2, health_check_timeout_s=30, user_config=user_config or {})
     return replica.bind(target, fields, factory, tokenizer, f"apparate-coordinator-{name}")
 
 

@@ -48,12 +48,17 @@ def cluster(trained_ramps, tmp_path_factory):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(max_batch=8, max_delay_ms=20, ramp_budget=0.5,
+    config = ServeConfig(max_batch=8, max_delay_ms=50, ramp_budget=0.5,
                          accuracy_constraint=0.05)
-    serve.run(on_ray.deployment(str(folder / "small.safetensors"), config, replicas=2,
-                                factory="tests.serve.server_models:small", num_cpus=1, env=env),
-              name="apparate", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", folder
+
+    def deploy(user_config=None):
+        serve.run(on_ray.deployment(str(folder / "small.safetensors"), config, replicas=2,
+                                    factory="tests.serve.server_models:small", num_cpus=1,
+                                    env=env, user_config=user_config),
+                  name="apparate", route_prefix="/")
+
+    deploy()
+    yield f"http://127.0.0.1:{port}", folder, deploy
     serve.shutdown()
     ray.shutdown()
 
@@ -64,7 +69,7 @@ def predict(client, url, x, request_id=None):
 
 
 def test_answers_come_through_the_proxy_from_both_replicas(cluster):
-    url, _ = cluster
+    url, _, _ = cluster
     xs = separable(64)
     with httpx.Client() as client:
         replies = [predict(client, url, x, f"r{i}") for i, x in enumerate(xs)]
@@ -75,7 +80,7 @@ def test_answers_come_through_the_proxy_from_both_replicas(cluster):
 
 
 def test_early_release_through_the_proxy(cluster):
-    url, _ = cluster
+    url, _, _ = cluster
     xs = separable(256)
 
     def send(i):
@@ -83,16 +88,19 @@ def test_early_release_through_the_proxy(cluster):
 
     # Rounds of 16 concurrent requests, until one batch holds both a sample that exited at a
     # ramp and one that ran to the final head.
+    seen = []
     with ThreadPoolExecutor(16) as pool:
         for round_ in range(30):
             batches = {}
             for body in pool.map(send, range(round_ * 16, round_ * 16 + 16)):
                 batches.setdefault((body["replica"], body["batch"]), []).append(body)
+            seen += [(len(b), sum(x["exit_site"] is not None for x in b))
+                     for b in batches.values()]
             mixed = [b for b in batches.values() if {x["exit_site"] is None for x in b} ==
                      {True, False}]
             if mixed:
                 break
-    assert mixed, "no batch mixed exited and final samples: the controller never opened"
+    assert mixed, f"no batch mixed exited and final samples; (size, exited): {seen[-20:]}"
     batch = mixed[0]
     exited = [b["timings"]["compute_ms"] for b in batch if b["exit_site"] is not None]
     final = [b["timings"]["compute_ms"] for b in batch if b["exit_site"] is None]
@@ -101,7 +109,7 @@ def test_early_release_through_the_proxy(cluster):
 
 
 def test_replicas_converge_on_the_coordinators_version(cluster):
-    url, _ = cluster
+    url, _, _ = cluster
     xs = separable(400)
     with httpx.Client() as client:
         for x in xs:
@@ -121,8 +129,30 @@ def test_replicas_converge_on_the_coordinators_version(cluster):
     assert len(stats["rows"]) == 2 and all(n > 0 for n in stats["rows"].values())
 
 
+def test_ramp_set_changes_through_user_config(cluster):
+    url, _, deploy = cluster
+    replicas = {}
+
+    def shed_everywhere(expected):
+        replicas.clear()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for _ in range(10):
+                status = httpx.get(f"{url}/v1/status", timeout=30).json()
+                replicas[status["replica"]] = status["shed_ramps"]
+            if len(replicas) == 2 and all(v == expected for v in replicas.values()):
+                return True
+            time.sleep(0.5)
+        return False
+
+    deploy({"disabled_ramps": ["blocks.1"]})
+    assert shed_everywhere(["blocks.1"]), replicas
+    deploy({})
+    assert shed_everywhere([]), replicas
+
+
 def test_a_replica_killed_mid_load_loses_no_retried_request(cluster, tmp_path):
-    url, folder = cluster
+    url, folder, _ = cluster
     (tmp_path / "bodies.json").write_text(json.dumps(
         [{"inputs": x.tolist()} for x in separable(32)]))
     out = tmp_path / "load"
