@@ -85,6 +85,9 @@ def capacity(url: str, out: Path, workload: str, max_tokens: int) -> float:
     """Answers per second with a burst of requests all sent at once."""
     burst = 200 if workload != "gen-smollm2" else 16
     summary = load(url, out, workload, burst / 0.05, 0.05, 1, max_tokens)
+    if not summary["answered"]:
+        raise RuntimeError(f"the vanilla server answered none of {burst} requests: "
+                           f"{summary['statuses']}")
     return summary["answered"] / summary["duration_s"]
 
 

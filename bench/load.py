@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: summary[k] for k in ("sent", "answered", "rejected_503", "lost",
                                                "duplicated", "exactly_once", "latency_ms",
                                                "throughput_rps")}, indent=1))
-    return 0 if summary["exactly_once"] else 1
+    failed = {s: n for s, n in summary["statuses"].items() if s not in ("200", "503", "504")}
+    if failed:
+        print(f"[load] failed requests: {failed}", file=sys.stderr)
+    return 0 if summary["exactly_once"] and not failed else 1
 
 
 if __name__ == "__main__":

@@ -99,15 +99,22 @@ def _label(labels, prediction: int) -> str | None:
 
 
 class TextCodec:
-    """``{"text": ...}`` through ``tokenizer`` to (input_ids, attention_mask) of the prepared
-    length."""
+    """``{"text": ...}`` through ``tokenizer`` to the model's inputs, padded to ``length``
+    tokens (default: the prepared length; a model that takes any length still gets one, so
+    that requests batch together). fields: which of the tokenizer's outputs the model takes, in
+    its input order (default: the model's input names, for a model called with a dict)."""
 
     kind = "classify"
 
     def __init__(self, tokenizer, spec: InputSpec, labels: Sequence[str] | None = None,
+                 fields: Sequence[str] | None = None, length: int | None = None,
                  max_chars: int = 10_000):
         self.tokenizer, self.spec, self.labels, self.max_chars = tokenizer, spec, labels, max_chars
-        self.length = spec.shapes[0][0]
+        self.fields = tuple(fields) if fields is not None else tuple(spec.names)
+        if len(self.fields) != len(spec.names):
+            raise ValueError(f"fields: {len(self.fields)} names for the model's "
+                             f"{len(spec.names)} inputs")
+        self.length = length or spec.shapes[0][0] or 128
 
     def inputs(self, body: dict):
         text = _field(body, "text", str)
@@ -115,15 +122,13 @@ class TextCodec:
             raise BadRequest("text", "empty")
         if len(text) > self.max_chars:
             raise BadRequest("text", f"longer than {self.max_chars} characters")
-        padding = "max_length" if self.length is not None else "longest"
-        encoded = self.tokenizer([text], padding=padding, truncation=True,
-                                 max_length=self.length or 512, return_tensors="pt")
-        named = {name: encoded[name].to(dtype) for name, dtype in
-                 zip(self.spec.names, self.spec.dtypes) if name in encoded}
-        if len(named) != len(self.spec.names):
+        encoded = self.tokenizer([text], padding="max_length", truncation=True,
+                                 max_length=self.length, return_tensors="pt")
+        missing = [f for f in self.fields if f not in encoded]
+        if missing:
             raise RuntimeError(f"the tokenizer gives {sorted(encoded)}; the model takes "
-                               f"{list(self.spec.names)}")
-        return tuple(named[n] for n in self.spec.names)
+                               f"{list(self.fields)}")
+        return tuple(encoded[f].to(dtype) for f, dtype in zip(self.fields, self.spec.dtypes))
 
     def label(self, prediction: int) -> str | None:
         return _label(self.labels, prediction)

@@ -4,8 +4,9 @@
     ticket = engine.submit(sample, deadline=0.5)      # one sample (batch of 1), as infer takes
     answer = ticket.result()                          # or: await ticket.wait()
 
-A worker thread forms batches (the first waiting request, then more until the batch holds
-``max_batch`` or the first has waited ``max_delay_ms``) and runs them; each ticket is resolved the
+A worker thread forms batches (the first waiting request, then more of the same input shapes
+until the batch holds ``max_batch`` or the first has waited ``max_delay_ms``; requests of other
+shapes keep their place for a later batch) and runs them; each ticket is resolved the
 moment its sample's answer is known, so a sample that exits at the first ramp is answered while the
 rest of its batch still runs. Over a decoder LM the worker decodes continuously instead: prompts
 take cache slots as they free up, and each ticket streams its tokens as they are produced
@@ -583,18 +584,25 @@ class Engine:
             first = self._queue.popleft()
             batch = [first]
             self._running[first.ticket.id] = first
+            shapes = _shapes(first)
             end = first.ticket.submitted + self.max_delay
+            passed: deque[_Request] = deque()  # other shapes: they wait for a batch of theirs
             while len(batch) < self.max_batch:
                 if self._queue:
                     request = self._queue.popleft()
-                    if not request.ticket.done():
-                        batch.append(request)
-                        self._running[request.ticket.id] = request
+                    if request.ticket.done():
+                        continue
+                    if _shapes(request) != shapes:
+                        passed.append(request)
+                        continue
+                    batch.append(request)
+                    self._running[request.ticket.id] = request
                     continue
                 remaining = end - time.perf_counter()
                 if remaining <= 0 or self._stop:
                     break
                 self._cond.wait(remaining)
+            self._queue.extendleft(reversed(passed))
             return batch
 
     def _batch_loop(self) -> None:
@@ -823,6 +831,10 @@ class Engine:
             self.stats.restore_events += 1
         log.warning("apparate: engine %s: queue depth %d: %s ramps %s", self.name, depth,
                     "shed" if action == "shed" else "restored", ", ".join(ramps))
+
+
+def _shapes(request: _Request) -> tuple:
+    return tuple(tuple(t.shape) for t in request.inputs)
 
 
 def _percentiles(seconds) -> dict[str, float | None]:

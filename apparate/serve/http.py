@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 import uuid
@@ -33,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from apparate.serve.codecs import BadRequest
 from apparate.serve.engine import (Answer, Completion, DeadlineExceeded, Engine, EngineError,
                                    EngineStopped, QueueFull)
+
+log = logging.getLogger("apparate")
 
 RETRY_AFTER_S = 1
 ENDPOINTS = {"/v1/predict": "predict", "/v1/completions": "completions",
@@ -113,6 +116,9 @@ async def predict_reply(engine: Engine, codec, body: dict,
         return Reply(400, {"detail": {"field": "body", "error": str(exc)}}, "bad_request")
     except EngineError as exc:
         return refusal(exc)
+    except Exception as exc:  # noqa: BLE001 - a server bug still gets an answer, and a count
+        log.exception("apparate: /v1/predict failed")
+        return Reply(500, {"detail": f"{type(exc).__name__}: {exc}"}, "error")
     try:
         answer: Answer = await ticket.wait()
     except EngineError as exc:

@@ -116,9 +116,10 @@ def _workload(name: str, config: ServeConfig, progress: bool) -> Served:
     ee = ramps_for(workload, progress)
     spec = ee.input_spec
     if name == "nlp-sentiment":
-        from apparate.demo.workloads.sentiment import tokenizer
+        from apparate.demo.workloads.sentiment import RECIPE, tokenizer
 
-        codec = TextCodec(tokenizer(), spec, SENTIMENT_LABELS)
+        codec = TextCodec(tokenizer(), spec, SENTIMENT_LABELS,
+                          fields=("input_ids", "attention_mask"), length=RECIPE["max_length"])
     elif name == "cv-fashion":
         from apparate.demo.data import FASHION_MNIST_CLASSES
         from apparate.demo.workloads.fashion import MEAN, STD

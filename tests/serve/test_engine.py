@@ -33,7 +33,7 @@ class Slow:
             raise RuntimeError("the device fell over")
         self.batches.append(inputs[0].clone())
         time.sleep(self.compute_s)
-        values = inputs[0].numpy().reshape(-1)
+        values = inputs[0].reshape(len(inputs[0]), -1)[:, 0].numpy()  # a sample's first value
         on_release(Release(np.arange(len(values)), values, np.full(len(values), np.nan), -1,
                            time.perf_counter()))
 
@@ -316,3 +316,13 @@ def test_a_cancelled_generation_frees_its_slot(decoder):
         streamed, tokens = asyncio.run(consume())
         assert streamed == tokens and len(tokens) <= 5
     rt.close()
+
+
+def test_requests_of_other_shapes_wait_for_a_batch_of_their_own():
+    engine = Engine(Slow(0.0), max_batch=8, max_delay_ms=50)
+    mixed = [engine.submit(torch.tensor([[i] * (1 + i % 2)])) for i in range(12)]
+    results = [t.result(timeout=10) for t in mixed]
+    engine.close()
+    assert engine.health == "closed"
+    assert all(len(b.shape) == 2 and b.shape[1] in (1, 2) for b in engine._backend.batches)
+    assert sorted(r.batch for r in results[::2]) != sorted(r.batch for r in results[1::2])

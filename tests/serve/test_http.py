@@ -149,3 +149,34 @@ def test_completions_stream_token_by_token(generator):
         metrics = client.get("/metrics").text
         assert "apparate_token_interval_seconds_count" in metrics
     rt.close()
+
+
+class WordTokenizer:
+    """A Hugging Face-style tokenizer: texts to padded input_ids, attention_mask and
+    token_type_ids."""
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = [[1 + hash(w) % 97 for w in t.split()][:max_length] for t in texts]
+        width = max_length if padding == "max_length" else max(map(len, ids))
+        input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+        return {"input_ids": input_ids, "attention_mask": (input_ids > 0).long(),
+                "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def test_text_codec_maps_tokenizer_outputs_to_positional_inputs():
+    from apparate.models.inputs import InputSpec
+    from apparate.serve.codecs import BadRequest, TextCodec
+
+    spec = InputSpec("tuple", ("inputs[0]", "inputs[1]"), ((16,), (16,)),
+                     (torch.int64, torch.int64))
+    codec = TextCodec(WordTokenizer(), spec, ("negative", "positive"),
+                      fields=("input_ids", "attention_mask"))
+    ids, mask = codec.inputs({"text": "what a lovely morning"})
+    assert ids.shape == mask.shape == (1, 16) and mask.sum() == 4
+    assert codec.label(1) == "positive" and codec.label(5) is None
+    with pytest.raises(BadRequest, match="text: empty"):
+        codec.inputs({"text": "  "})
+    with pytest.raises(BadRequest, match="text: expected str"):
+        codec.inputs({"text": 3})
+    with pytest.raises(RuntimeError, match="the tokenizer gives"):
+        TextCodec(WordTokenizer(), spec).inputs({"text": "hi"})
