@@ -7,7 +7,8 @@ For each side, ``apparate serve WORKLOAD`` runs in a process of its own (``--van
 unmodified model behind the same server, batcher and codec; a decoder LM with no exit open),
 and ``bench/load.py`` sends it the same open-loop schedule. The sides take turns for
 ``--rounds`` rounds (vanilla, apparate, vanilla, ...), each on a fresh server, so the machine's
-drift over minutes hits both alike; the figures are the medians over the rounds. Without
+drift over minutes hits both alike; the figures are the medians over the rounds. Each run's
+server status at the end (exits per site, thresholds, agreement) is kept as ``status.json``. Without
 ``--rate`` the rate is ``--load`` times the vanilla server's capacity, measured first with every
 request of a burst sent at once. Writes each run's load results under ``DIR/<side>-<round>/``
 and ``DIR/summary.json``, and prints the table.
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="gen-smollm2: per request")
     parser.add_argument("--out", type=Path, required=True)
     args, extra = parser.parse_known_args(argv)
+    import httpx
     args.out.mkdir(parents=True, exist_ok=True)
     rate = args.rate
     if rate is None:
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 summary = load(url, folder, args.workload, rate, args.duration, number,
                                args.max_tokens)
+                status = httpx.get(f"{url}/v1/status", timeout=30).json()  # exits, thresholds
+                (folder / "status.json").write_text(json.dumps(status, indent=1) + "\n")
             finally:
                 stop(process, log)
             runs[side].append(summary)
