@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import asdict
 
@@ -255,14 +254,19 @@ def run(target: str, config: ServeConfig, *, replicas: int, factory=None, tokeni
     print(f"[apparate] serving {target} on Ray Serve, {replicas} replicas, on "
           f"http://{host}:{port}/", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    serve.delete("apparate")
     try:
-        ray.kill(ray.get_actor("apparate-coordinator-apparate"))
-    except ValueError:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    except (KeyboardInterrupt, SystemExit):  # Ray's own handler may have the signal first
         pass
-    serve.shutdown()
-    time.sleep(0.5)
+    finally:
+        # Take everything down, the local cluster this process started included.
+        serve.delete("apparate")
+        try:
+            ray.kill(ray.get_actor("apparate-coordinator-apparate"))
+        except ValueError:
+            pass
+        serve.shutdown()
+        ray.shutdown()
