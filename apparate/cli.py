@@ -4,7 +4,6 @@ the e2e benchmark."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from apparate._factory import load_factory

@@ -4,9 +4,9 @@ Endpoints (``create_app``):
 
 - ``POST /v1/predict`` (classification): the body as the codec reads it (``{"text": ...}``,
   ``{"image": base64}``, ``{"tensor": ...}`` or ``{"inputs": ...}``) plus an optional
-  ``deadline_ms`` and ``request_id`` (echoed back); answered the moment that request's sample exits, with the prediction (and its
-  label), the exit site (``null``: the final head), the ramp's confidence and server-side
-  timings.
+  ``deadline_ms`` and ``request_id`` (echoed back); answered the moment that request's sample
+  exits, with the prediction (and its label), the exit site (``null``: the final head), the
+  ramp's confidence and server-side timings.
 - ``POST /v1/completions`` and ``POST /v1/chat/completions`` (generation; OpenAI's request and
   response shapes): ``stream: true`` answers with server-sent events, one chunk per token as it
   is produced, the usage counts in the last chunk, then ``data: [DONE]``.

@@ -2,7 +2,7 @@
 once for the fleet.
 
     app = apparate.serve.ray.deployment("nlp-sentiment", ServeConfig(mode="compact"), replicas=2)
-    ray.serve.run(app, route_prefix="/")        # or: apparate serve nlp-sentiment --ray --replicas 2
+    ray.serve.run(app, route_prefix="/")  # or: apparate serve nlp-sentiment --ray --replicas 2
 
 - Each replica builds the model and its runtime (``apparate.serve.server.build``) and serves the
   same ``POST /v1/predict`` contract as the HTTP server through Ray's HTTP proxy, answered as
