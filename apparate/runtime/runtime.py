@@ -532,7 +532,7 @@ def _as_tensors(batch):
 
 
 class DecodeSession:
-    """Decoding on a runtime's cache slots as prompts come: ``add`` a prompt at any time, call
+    """Decoding on a runtime's cache slots as prompts come: ``add_sequence`` at any time, call
     ``step`` while ``busy``. Each step first gives free slots to waiting prompts (prefill), then
     decodes one token for every live sequence, and returns the (key, token, site) events it
     produced; ``take_finished`` hands over the sequences that have ended since its last call.
@@ -563,17 +563,9 @@ class DecodeSession:
     def free_slots(self) -> int:
         return len(self.decoder.free) - len(self.waiting)
 
-    def add(self, key: int, prompt, max_new_tokens: int) -> Generation:
-        """Queue one prompt (token ids, or a text with the session's tokenizer) under ``key``
-        (the first item of its events). A prompt that cannot be decoded comes back at once
-        with ``finish="error"`` and its message, and never decodes."""
-        (seq,) = self.decoder.sequences([prompt], [max_new_tokens], self.tokenizer)
-        seq.index = key
-        if seq.out.error is not None:
-            seq.out.error = seq.out.error.removeprefix("prompt 0: ")
-        return self.add_sequence(seq)
-
     def add_sequence(self, seq) -> Generation:
+        """Queue one of the decoder's prepared sequences (``Decoder.sequences``; its ``index``
+        is the key its events carry). One that carries an error never decodes."""
         if seq.out.error is None:
             self.waiting.append(seq)
         return seq.out
@@ -602,16 +594,18 @@ class DecodeSession:
     def step(self) -> list[tuple[int, int, str | None]]:
         runtime, decoder = self.runtime, self.decoder
         runtime._check_open()
-        record = self._events.append
+        def record(*event) -> None:
+            self._events.append(event)
+
         while self.waiting and decoder.free:
-            decoder.admit(self.waiting.pop(0), lambda *event: record(event))
+            decoder.admit(self.waiting.pop(0), record)
             self._release()
         if decoder.live:
             runtime._apply_staged()
             if self.mode == "lossless":
-                decoder.lossless_step(lambda *event: record(event))
+                decoder.lossless_step(record)
             else:
-                decoder.step(lambda *event: record(event))
+                decoder.step(record)
                 feedback = decoder.take_feedback()
                 if feedback is not None and runtime._window is not None:
                     runtime._window.record(*feedback)
