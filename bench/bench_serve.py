@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,14 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from apparate.testing.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 LOAD = ROOT / "bench" / "load.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(workload: str, vanilla: bool, mode: str, log: Path, extra: list[str]):

@@ -253,18 +253,6 @@ def test_several_engines_in_one_process(setup, tmp_path):
     b.close()
 
 
-@pytest.fixture(scope="module")
-def decoder():
-    """(tiny decoder LM, its EEDecoder with trained ramps)."""
-    from apparate.testing.zoo import DECODER_VOCAB, decoder_lm
-    model = decoder_lm("llama")
-    ee = apparate.prepare(model, torch.tensor([[1, 2, 3]]), task="generation")
-    train = torch.randint(0, DECODER_VOCAB - 1, (16, 24),
-                          generator=torch.Generator().manual_seed(7))
-    ee.train_ramps(list(train), progress=False)
-    return model, ee
-
-
 def gen_prompts(n):
     from apparate.testing.zoo import DECODER_VOCAB
     g = torch.Generator().manual_seed(3)
@@ -273,8 +261,8 @@ def gen_prompts(n):
 
 
 @pytest.mark.filterwarnings("ignore:no ramp fits")
-def test_generation_streams_tokens_and_matches_generate(decoder):
-    _, ee = decoder
+def test_generation_streams_tokens_and_matches_generate(tiny_decoder):
+    ee = tiny_decoder
     prompts = gen_prompts(7)
     closed = dict(max_length=64, background=False, ramp_budget=0.0)  # the model's own tokens
     reference = apparate.Runtime(ee, batch_size=3, **closed)
@@ -298,8 +286,8 @@ def test_generation_streams_tokens_and_matches_generate(decoder):
 
 
 @pytest.mark.filterwarnings("ignore:no ramp fits")
-def test_a_cancelled_generation_frees_its_slot(decoder):
-    _, ee = decoder
+def test_a_cancelled_generation_frees_its_slot(tiny_decoder):
+    ee = tiny_decoder
     rt = apparate.Runtime(ee, batch_size=1, max_length=64, background=False, ramp_budget=0.0)
     with Engine(rt, max_new_tokens=40) as engine:
         long = engine.submit(gen_prompts(1)[0])

@@ -100,14 +100,8 @@ def test_overload_and_deadlines_map_to_503_and_504(classifier):
 
 
 @pytest.fixture(scope="module")
-def generator():
-    from apparate.testing.zoo import DECODER_VOCAB, decoder_lm
-    model = decoder_lm("llama")
-    ee = apparate.prepare(model, torch.tensor([[1, 2, 3]]), task="generation")
-    train = torch.randint(0, DECODER_VOCAB - 1, (16, 24),
-                          generator=torch.Generator().manual_seed(7))
-    ee.train_ramps(list(train), progress=False)
-    return ee, CharTokenizer()
+def generator(tiny_decoder):
+    return tiny_decoder, CharTokenizer()
 
 
 @pytest.mark.filterwarnings("ignore:no ramp fits")

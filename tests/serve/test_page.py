@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from apparate.control.controller import ConfigChange
 from apparate.serve.codecs import TensorCodec
 from apparate.serve.engine import Engine
 from apparate.serve.http import create_app
+from apparate.testing.ports import free_port
 from tests.helpers import stream_for
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -55,9 +55,7 @@ def served(trained_ramps, tmp_path_factory):
                                             np.where(np.arange(sites) == 1, 0.5, np.inf)),
                            "test"))
     engine = Engine(rt, max_batch=8, max_delay_ms=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, TensorCodec(ee.input_spec)),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -5,7 +5,6 @@ configuration version, and a replica killed mid-load losing no request the clien
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from apparate.serve import ray as on_ray  # noqa: E402
+from apparate.testing.ports import free_port  # noqa: E402
 from apparate.serve.server import ServeConfig  # noqa: E402
 from tests.helpers import separable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

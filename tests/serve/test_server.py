@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import apparate
+from apparate.testing.ports import free_port
 from tests.helpers import SmallResNet, separable
 
 pytest.importorskip("uvicorn")
@@ -25,12 +25,6 @@ httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parents[2]
 LOAD = ROOT / "bench" / "load.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -112,7 +106,7 @@ def load(server: Server, out: Path, *args: str, check: bool = True) -> dict:
 
 
 @pytest.fixture(scope="module")
-def folder(trained_ramps, tmp_path_factory):
+def folder(trained_ramps, tiny_decoder, tmp_path_factory):
     model, ee = trained_ramps
     d = tmp_path_factory.mktemp("serve")
     torch.save(model.state_dict(), d / "small.pt")
@@ -123,11 +117,7 @@ def folder(trained_ramps, tmp_path_factory):
     wide_ee = apparate.prepare(wide, separable(8))
     wide_ee.train_ramps(separable(200), epochs=2, progress=False)
     wide_ee.save(str(d / "wide.safetensors"))
-    from tests.serve.server_models import decoder
-    dec = apparate.prepare(decoder(), torch.tensor([[1, 2, 3]]), task="generation")
-    dec.train_ramps(list(torch.randint(0, 200, (8, 16), generator=torch.Generator()
-                                       .manual_seed(1))), progress=False)
-    dec.save(str(d / "decoder.safetensors"))
+    tiny_decoder.save(str(d / "decoder.safetensors"))
     (d / "bodies.json").write_text(json.dumps([{"inputs": x.tolist()} for x in separable(64)]))
     return d
 
