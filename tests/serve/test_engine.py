@@ -139,7 +139,7 @@ def test_a_full_queue_refuses_at_once_and_loses_nothing_accepted():
             assert "queue holds 8" in str(error)
     assert refused > 0 and engine.stats.rejected == refused
     values = [t.result(timeout=30).prediction for t in accepted]
-    assert values == [int(t.id) for t in accepted] or len(set(values)) == len(values)
+    assert values == [t.id for t in accepted]  # each its own sample's answer (id = i)
     engine.close()
     assert engine.stats.answered == len(accepted)
 
